@@ -1,0 +1,1 @@
+"""Attacks on protected faces (U-Net reconstruction, re-identification): next milestone."""

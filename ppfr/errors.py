@@ -1,0 +1,13 @@
+"""The three kinds of bad input ppfr reports; each message names the file or key and the problem."""
+
+
+class ConfigError(ValueError):
+    """A config key, group option or value that does not exist or does not fit."""
+
+
+class DataError(ValueError):
+    """An image, list or dataset folder that is missing, unreadable or malformed."""
+
+
+class ModelError(ValueError):
+    """A weight file that is missing, has the wrong hash, or does not fit its architecture."""

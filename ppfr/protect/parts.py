@@ -1,0 +1,263 @@
+"""The parts of LFSA (method.md): F detail extraction, C pruning + stochastic filling, P Perlin noise
+and histogram entropy, and the transfer boosters. Each is a plain differentiable torch function,
+vectorised over pixels; random draws come from one ``torch.Generator`` per batch item, so an item's
+result depends only on its own seed and input.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.transforms.v2.functional import gaussian_blur
+
+from ppfr.align import ARCFACE_112
+from ppfr.errors import ConfigError
+
+
+def _regions() -> dict[str, tuple[tuple[tuple[float, float], float], ...]]:
+    """Region -> ((centre, extra half-width), ...) in 112-template pixels, from the ArcFace points.
+
+    The mouth is one region centred between its corners and widened by half their distance, so
+    ``radius`` means the same margin around every feature.
+    """
+    left, right, nose, mouth_l, mouth_r = (tuple(map(float, p)) for p in ARCFACE_112)
+    mouth = ((mouth_l[0] + mouth_r[0]) / 2, (mouth_l[1] + mouth_r[1]) / 2)
+    return {
+        "eyes": ((left, 0.0), (right, 0.0)),
+        "nose": ((nose, 0.0),),
+        "mouth": ((mouth, (mouth_r[0] - mouth_l[0]) / 2),),
+    }
+
+
+REGIONS = _regions()
+SHAPES = ("ellipse", "box")
+RESCALES = ("minmax", "offset", "none")
+
+
+def generators(seeds: Tensor, device: torch.device | str) -> list[torch.Generator]:
+    """One generator per item, seeded by that item's seed (int64)."""
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds.tolist()]
+
+
+def uniform(gens: Sequence[torch.Generator], n: int, device: torch.device | str) -> Tensor:
+    """B x n uniforms in [0,1), row b from generator b: one draw call per item."""
+    return torch.stack([torch.rand(n, generator=g, device=device) for g in gens])
+
+
+def blur(x: Tensor, kernel: int) -> Tensor:
+    """Gaussian blur with an odd ``kernel`` size and sigma = (kernel-1)/6, i.e. +-3 sigma per window.
+
+    The reflect padding needs kernel // 2 < H, W: larger kernels are clipped to the image.
+    """
+    kernel = min(kernel | 1, 2 * min(x.shape[-2:]) - 1)
+    return gaussian_blur(x, [kernel, kernel], [max((kernel - 1) / 6, 0.5)] * 2)
+
+
+# ---------------------------------------------------------------- F: detail extraction
+
+
+def highpass(x: Tensor, omega_c: float, rescale: str = "minmax", gain: float = 4.0) -> Tensor:
+    """Keep frequencies with radius sqrt(u^2+v^2) > omega_c (cycles/pixel), eq. 2-3.
+
+    The detail D is zero-mean (the DC term always goes). ``rescale`` maps it for display:
+    ``minmax`` stretches each image to [0,1], ``offset`` gives clip(0.5 + gain*D), ``none`` returns D.
+    Computed in float32: cuFFT half precision only takes powers of two.
+    """
+    if rescale not in RESCALES:
+        raise ConfigError(f"highpass.rescale: {rescale!r} is not one of {', '.join(RESCALES)}")
+    h, w = x.shape[-2:]
+    u = torch.fft.fftfreq(h, device=x.device)
+    v = torch.fft.rfftfreq(w, device=x.device)
+    keep = (u[:, None] ** 2 + v[None, :] ** 2).sqrt() > omega_c
+    d = torch.fft.irfft2(torch.fft.rfft2(x.float()) * keep, s=(h, w))
+    if rescale == "none":
+        return d
+    if rescale == "offset":
+        return (0.5 + gain * d).clamp(0, 1)
+    lo = d.amin(dim=(1, 2, 3), keepdim=True)
+    hi = d.amax(dim=(1, 2, 3), keepdim=True)
+    return (d - lo) / (hi - lo).clamp_min(1e-8)
+
+
+# ---------------------------------------------------------------- C: pruning and filling
+
+
+def keep_mask(
+    size: int | tuple[int, int],
+    regions: Sequence[str] = ("eyes",),
+    radius: float | Sequence[float] = (18.0, 13.0),
+    shape: str = "ellipse",
+    softness: float = 2.0,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """1 x 1 x H x W keep-mask M over template regions; 1 inside, 0 outside.
+
+    ``radius`` (rx, ry) or r is in 112-template pixels and scales with ``size``; ``softness`` is the
+    width in those pixels of a linear ramp across the border (0 = hard edge), which avoids a
+    strong artificial edge at the seam.
+    """
+    unknown = [r for r in regions if r not in REGIONS]
+    if unknown or not regions:
+        raise ConfigError(
+            f"prune.regions: {list(regions)} must be a non-empty subset of {', '.join(REGIONS)}"
+        )
+    if shape not in SHAPES:
+        raise ConfigError(f"prune.shape: {shape!r} is not one of {', '.join(SHAPES)}")
+    rx, ry = (float(radius), float(radius)) if isinstance(radius, (int, float)) else map(float, radius)
+    if rx <= 0 or ry <= 0:
+        raise ConfigError(f"prune.radius: {radius} must be positive")
+    h, w = (size, size) if isinstance(size, int) else size
+    sy, sx = h / 112.0, w / 112.0
+    ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / sy  # template units
+    xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / sx
+    mask = torch.zeros(h, w, device=device)
+    for region in regions:
+        for (cx, cy), extra in REGIONS[region]:
+            ax, ay = rx + extra, ry
+            dx = ((xs - cx) / ax)[None, :]
+            dy = ((ys - cy) / ay)[:, None]
+            dist = (dx**2 + dy**2).sqrt() if shape == "ellipse" else torch.maximum(dx.abs(), dy.abs())
+            if softness > 0:  # signed distance ~ (1 - dist) * mean radius, ramp of width softness
+                inside = ((1 - dist) * (ax + ay) / 2 / softness + 0.5).clamp(0, 1)
+            else:
+                inside = (dist <= 1).float()
+            mask = torch.maximum(mask, inside)
+    return mask[None, None]
+
+
+def local_stats(x: Tensor, window: int) -> tuple[Tensor, Tensor]:
+    """Per-channel local mean and standard deviation under a Gaussian window."""
+    mean = blur(x, window)
+    var = (blur(x * x, window) - mean * mean).clamp_min(0)
+    return mean, var.sqrt()
+
+
+def stochastic_fill(
+    x: Tensor, mask: Tensor, kappa: float, window: int, gens: Sequence[torch.Generator]
+) -> Tensor:
+    """X0 = M*x + (1-M)*R with R ~ N(mu, kappa*sigma) (eq. 4), mu/sigma local stats of ``x``.
+
+    Squashing: R is drawn in logit space, R = sigmoid(logit(mu) + kappa*sigma/(mu(1-mu)) * z),
+    the delta-method match of N(mu, kappa*sigma). Its median is exactly mu, it behaves like the
+    Gaussian for small kappa*sigma, and it stays inside (0,1) without clipping piles at 0 and 1.
+    """
+    mean, std = local_stats(x, window)
+    z = torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device) for g in gens])
+    m = mean.clamp(1e-3, 1 - 1e-3)
+    r = torch.sigmoid(torch.logit(m) + kappa * std / (m * (1 - m)) * z.to(x.dtype))
+    return mask * x + (1 - mask) * r
+
+
+# ---------------------------------------------------------------- P: noise and entropy
+
+
+def _fade(t: Tensor) -> Tensor:
+    return t * t * t * (t * (t * 6 - 15) + 10)
+
+
+def perlin_noise(
+    batch: int,
+    size: int | tuple[int, int],
+    gens: Sequence[torch.Generator],
+    octaves: int = 4,
+    persistence: float = 0.5,
+    lacunarity: float = 2.0,
+    scale: float = 16.0,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """B x 1 x H x W multi-scale gradient noise N' (eq. 5-6), normalised to [0,1] per image.
+
+    Octave k has lattice period scale/lacunarity^k pixels and weight persistence^k. Each lattice
+    point gets a random unit gradient, each octave a random sub-cell offset (so lattice points,
+    where gradient noise is 0, do not sit at the same pixels every draw). Every call draws afresh
+    from the generators: the temporal seed of the paper. All octaves and the four cell corners
+    are computed in one gather, which keeps the kernel count small on a GPU.
+    """
+    if len(gens) != batch:
+        raise ValueError(f"perlin_noise: {len(gens)} generators for a batch of {batch}")
+    h, w = (size, size) if isinstance(size, int) else size
+    periods = [scale / lacunarity**k for k in range(octaves)]
+    grids = [(math.ceil(h / p) + 2, math.ceil(w / p) + 2) for p in periods]
+    counts = [gh * gw for gh, gw in grids]
+    total = sum(counts)
+    draws = uniform(gens, total + 2 * octaves, device)  # one call per item
+    angles = draws[:, :total] * (2 * math.pi)  # B x (all lattice points of all octaves)
+    offsets = draws[:, total:].view(batch, octaves, 2, 1)
+
+    def octave_const(values: list[float], dtype: torch.dtype = torch.float32) -> Tensor:
+        return torch.tensor(values, device=device, dtype=dtype).view(1, octaves, 1)
+
+    period = octave_const(periods)
+    base = octave_const([sum(counts[:k]) for k in range(octaves)], torch.long)[..., None, None]
+    width = octave_const([gw for _, gw in grids], torch.long)[..., None, None]
+    py = torch.arange(h, device=device) / period + offsets[:, :, 0]  # B x K x H, lattice units
+    px = torch.arange(w, device=device) / period + offsets[:, :, 1]  # B x K x W
+    fy, fx = py.frac()[:, :, None, :, None], px.frac()[:, :, None, None, :]
+    iy, ix = py.long()[:, :, None, :, None], px.long()[:, :, None, None, :]
+    cy = torch.tensor([0, 0, 1, 1], device=device).view(1, 1, 4, 1, 1)  # the four corners
+    cx = torch.tensor([0, 1, 0, 1], device=device).view(1, 1, 4, 1, 1)
+    idx = base + (iy + cy) * width + (ix + cx)  # B x K x 4 x H x W
+    flat = idx.view(batch, -1)
+    hx = angles.cos().gather(1, flat).view(idx.shape)  # the corners' unit gradients
+    hy = angles.sin().gather(1, flat).view(idx.shape)
+    dot = hx * (fx - cx) + hy * (fy - cy)  # gradient . offset from the corner
+    wy, wx = _fade(fy), _fade(fx)
+    weight = torch.where(cy == 1, wy, 1 - wy) * torch.where(cx == 1, wx, 1 - wx)
+    amp = octave_const([persistence**k for k in range(octaves)])[..., None]
+    noise = ((dot * weight).sum(2) * amp).sum(1)  # B x H x W
+    lo = noise.amin(dim=(1, 2), keepdim=True)
+    hi = noise.amax(dim=(1, 2), keepdim=True)
+    return ((noise - lo) / (hi - lo).clamp_min(1e-8))[:, None]
+
+
+def histogram_entropy(x: Tensor, bins: int = 64, bandwidth: float = 1.0) -> Tensor:
+    """Differentiable Shannon entropy of each channel's pixel histogram, averaged over channels (eq. 8).
+
+    Soft binning with a triangular kernel of half-width ``bandwidth`` bins (1 = linear
+    interpolation between the two nearest bins), done by scatter-add over the few bins each pixel
+    touches: O(pixels), not O(pixels x bins). Returns B entropies divided by log(bins), so in
+    [0,1] and comparable with the cosine terms whatever the bin count.
+    """
+    b, c = x.shape[:2]
+    pos = x.float().reshape(b * c, -1).clamp(0, 1) * bins - 0.5  # bin centres at integers
+    first = torch.floor(pos - bandwidth) + 1
+    hist = x.new_zeros(b * c, bins, dtype=torch.float32)
+    for j in range(math.ceil(2 * bandwidth)):
+        centre = first + j
+        weight = (1 - (pos - centre).abs() / bandwidth).clamp_min(0)
+        hist = hist.scatter_add(1, centre.long().clamp(0, bins - 1), weight)
+    p = hist / hist.sum(1, keepdim=True)
+    h = -(p * (p + 1e-12).log()).sum(1) / math.log(bins)
+    return h.view(b, c).mean(1)
+
+
+# ---------------------------------------------------------------- boosters
+
+
+def input_diversity(x: Tensor, draws: Tensor, prob: float, scale: float, shift: float) -> Tensor:
+    """Random rescale by up to +-``scale`` and shift by up to +-``shift`` of the image, per item.
+
+    ``draws`` is B x 4 uniforms (apply?, scale, shift x, shift y). Differentiable
+    (affine_grid/grid_sample, bilinear, border padding), so gradients reach every input pixel.
+    """
+    b = x.shape[0]
+    apply = (draws[:, 0] < prob).to(x.dtype)
+    zoom = 1 + scale * (2 * draws[:, 1] - 1) * apply
+    move = 2 * shift * (2 * draws[:, 2:4] - 1) * apply[:, None]  # normalised coords span 2
+    theta = torch.zeros(b, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0] = 1 / zoom
+    theta[:, 1, 1] = 1 / zoom
+    theta[:, :, 2] = move
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def model_dropout(draws: Tensor, q: float) -> Tensor:
+    """B x n keep weights in {0,1}: each surrogate dropped with prob q, at least one kept per item."""
+    keep = draws >= q
+    best = draws.argmax(1, keepdim=True)  # the surrogate least likely to be dropped stays
+    return keep.scatter(1, best, True).float()

@@ -1,0 +1,86 @@
+"""The recognizer zoo: every usable model of `<models_dir>/models.json` plus PyTorch architectures
+for checkpoints users bring (`weights`: name -> file).
+
+    rec = create("mobilefacenet_tf", models_dir)       # ONNX, from the catalog
+    rec = create("iresnet50", weights="r50/backbone.pth")
+    emb = rec(crops)                                    # B x 3 x 112 x 112 in [0, 1] -> unit B x D
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from ppfr.errors import ConfigError
+from ppfr.recognizers.base import Recognizer
+from ppfr.recognizers.facenet import create_facenet
+from ppfr.recognizers.iresnet import LAYERS, create_iresnet
+from ppfr.recognizers.onnx import create_onnx, load_catalog
+
+__all__ = ["Recognizer", "available", "check_disjoint", "create", "create_many"]
+
+# PyTorch architectures: they need a user's weight file.
+TORCH: dict[str, Callable[[str, str | Path], Recognizer]] = {
+    **{name: create_iresnet for name in LAYERS},
+    "facenet": create_facenet,
+}
+
+
+def available(models_dir: str | Path | None) -> list[str]:
+    """Usable ONNX models of the catalog, then the PyTorch architectures."""
+    onnx_names = list(load_catalog(models_dir)) if models_dir is not None else []
+    return onnx_names + list(TORCH)
+
+
+def create(name: str, models_dir: str | Path | None = None, weights: str | Path | None = None) -> Recognizer:
+    """One recognizer by name: an ONNX model from `models_dir`, or a PyTorch architecture with `weights`."""
+    if name in TORCH:
+        if weights is None:
+            raise ConfigError(
+                f"recognizer {name!r} is a PyTorch architecture and needs a weight file: set recognizer.weights.{name}=<path>"
+            )
+        return TORCH[name](name, weights)
+    if models_dir is None:
+        raise ConfigError(f"recognizer {name!r}: set recognizer.models_dir (the folder holding models.json)")
+    catalog = load_catalog(models_dir)
+    if name not in catalog:
+        raise ConfigError(f"unknown recognizer {name!r}; available: {', '.join(available(models_dir))}")
+    if weights is not None:
+        raise ConfigError(
+            f"recognizer {name!r} is an ONNX model of {models_dir}; weights apply to {', '.join(TORCH)} only"
+        )
+    return create_onnx(catalog[name], models_dir)
+
+
+def create_many(
+    names: str | Sequence[str],
+    models_dir: str | Path | None,
+    weights: Mapping[str, str | Path] | None = None,
+) -> list[Recognizer]:
+    """Several recognizers; `names="all"` means every usable ONNX model of the catalog."""
+    if names == "all":
+        if models_dir is None:
+            raise ConfigError(
+                "recognizer names=all: set recognizer.models_dir (the folder holding models.json)"
+            )
+        names = list(load_catalog(models_dir))
+    elif isinstance(names, str):
+        names = [names]
+    repeated = sorted({n for n in names if list(names).count(n) > 1})
+    if repeated:
+        raise ConfigError(f"recognizer names list {', '.join(repeated)} more than once")
+    weights = weights or {}
+    return [create(n, models_dir, weights.get(n)) for n in names]
+
+
+def check_disjoint(ensemble: Sequence[Recognizer], blackbox: Sequence[Recognizer]) -> None:
+    """A black box must be independent of every ensemble member: not the same model, not a sibling."""
+    for box in blackbox:
+        for member in ensemble:
+            if box.name == member.name:
+                raise ConfigError(f"recognizer {box.name!r} is both in the ensemble and a black box")
+            if box.family == member.family:
+                raise ConfigError(
+                    f"black box {box.name!r} and ensemble member {member.name!r} are siblings "
+                    f"(family {box.family!r}): a black box must be independent of the ensemble"
+                )

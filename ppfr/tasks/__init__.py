@@ -1,0 +1,1 @@
+"""One module per experiment task: `run(cfg, run) -> dict` of measured numbers."""

@@ -1,0 +1,277 @@
+"""The LFSA parts and method on real aligned faces and real recognizers (CPU, a few steps)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from ppfr import recognizers
+from ppfr.align import ARCFACE_112, Aligner
+from ppfr.errors import ConfigError
+from ppfr.protect import create, parts
+from ppfr.protect.lfsa import LFSA
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = sorted((ROOT / "configs" / "protect").glob("*.yaml"))
+SURROGATE = "mobilefacenet_relu6"
+
+
+@pytest.fixture(scope="module")
+def faces(faces_mini, align_cache) -> torch.Tensor:
+    """Two real aligned LFW faces of different people, 2 x 3 x 112 x 112 in [0,1]."""
+    with open(faces_mini / "lfw" / "manifest.csv") as f:
+        rows = list(csv.DictReader(f))
+    first = {}
+    for row in rows:
+        first.setdefault(row["identity"], row["relative_path"])
+    paths = [faces_mini / "lfw" / p for p in list(first.values())[:2]]
+    aligner = Aligner(cache_dir=align_cache, on_no_face="center_crop")
+    crops = np.stack([aligner.align(p).crop for p in paths])
+    return torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255
+
+
+@pytest.fixture(scope="module")
+def surrogate(models_dir):
+    return recognizers.create(SURROGATE, models_dir)
+
+
+def gens(*seeds: int) -> list[torch.Generator]:
+    return parts.generators(torch.tensor(seeds), "cpu")
+
+
+def cos(rec, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return F.cosine_similarity(rec(a), rec(b), dim=1)
+
+
+# ---------------------------------------------------------------- F
+
+
+def test_highpass_removes_low_frequencies(faces):
+    d = parts.highpass(faces, 0.05, rescale="none")
+    assert d.mean(dim=(2, 3)).abs().max() < 1e-5  # zero-mean detail
+    spectrum = torch.fft.fft2(d).abs()
+    u = torch.fft.fftfreq(112)
+    low = (u[:, None] ** 2 + u[None, :] ** 2).sqrt() <= 0.05
+    assert spectrum[..., low].max() < 1e-3 * spectrum.max()
+    assert spectrum[..., ~low].max() > 0.1 * torch.fft.fft2(faces).abs()[..., ~low].max()
+    # omega_c = 0 drops only the DC term: everything else is kept
+    whole = parts.highpass(faces, 0.0, rescale="none")
+    torch.testing.assert_close(whole, faces - faces.mean(dim=(2, 3), keepdim=True), atol=1e-5, rtol=0)
+
+
+def test_highpass_rescales(faces):
+    shown = parts.highpass(faces, 0.05)
+    assert shown.amin(dim=(1, 2, 3)).abs().max() < 1e-6 and (shown.amax(dim=(1, 2, 3)) - 1).abs().max() < 1e-6
+    d = parts.highpass(faces, 0.05, rescale="none")
+    torch.testing.assert_close(parts.highpass(faces, 0.05, "offset", gain=3.0), (0.5 + 3 * d).clamp(0, 1))
+    with pytest.raises(ConfigError, match="rescale"):
+        parts.highpass(faces, 0.05, rescale="log")
+
+
+# ---------------------------------------------------------------- C
+
+
+def test_keep_mask_covers_eyes_not_cheeks():
+    for size in (112, 224):
+        s = size / 112
+        mask = parts.keep_mask(size, ("eyes",), radius=(18, 13), softness=2.0)[0, 0]
+        assert mask.shape == (size, size)
+        for x, y in ARCFACE_112[:2]:
+            assert mask[int(y * s), int(x * s)] == 1
+        for x, y in ((25, 85), (87, 85), *ARCFACE_112[2:]):  # cheeks, nose, mouth
+            assert mask[int(y * s), int(x * s)] == 0
+    nose = parts.keep_mask(112, ("nose",), radius=8, shape="box", softness=0)[0, 0]
+    assert nose[71, 56] == 1 and nose[71, 56 + 9] == 0 and set(nose.unique().tolist()) == {0.0, 1.0}
+    with pytest.raises(ConfigError, match="regions"):
+        parts.keep_mask(112, ("ears",))
+
+
+def test_stochastic_fill_keeps_mask_and_draws_from_local_statistics(faces):
+    mask = parts.keep_mask(112, ("eyes",))
+    out = parts.stochastic_fill(faces, mask, kappa=1.0, window=31, gens=gens(1, 2))
+    inside, outside = mask[0, 0] == 1, mask[0, 0] == 0
+    torch.testing.assert_close(out[..., inside], faces[..., inside])
+    assert (out[..., outside] - faces[..., outside]).abs().mean() > 0.02
+    assert out[..., outside].min() > 0 and out[..., outside].max() < 1  # squashed, never clipped
+    # over a big region the fill averages to the local mean of the image there
+    mean, std = parts.local_stats(faces, 31)
+    region = (slice(None), slice(None), slice(70, 110), slice(10, 100))
+    assert (out[region].mean(dim=(2, 3)) - mean[region].mean(dim=(2, 3))).abs().max() < 0.03
+    # the spread follows kappa * sigma
+    wide = parts.stochastic_fill(faces, mask, kappa=3.0, window=31, gens=gens(1, 2))
+    assert (wide - mean)[region].std() > 2 * (out - mean)[region].std()
+    torch.testing.assert_close(parts.stochastic_fill(faces, mask, 1.0, 31, gens(1, 2)), out)
+    assert not torch.equal(parts.stochastic_fill(faces, mask, 1.0, 31, gens(3, 4)), out)
+
+
+# ---------------------------------------------------------------- P
+
+
+def test_perlin_noise_range_smoothness_and_seeds():
+    noise = parts.perlin_noise(3, 112, gens(1, 2, 3), octaves=1, scale=16.0)
+    assert noise.shape == (3, 1, 112, 112)
+    assert torch.allclose(noise.amin(dim=(1, 2, 3)), torch.zeros(3)) and torch.allclose(
+        noise.amax(dim=(1, 2, 3)), torch.ones(3)
+    )
+    a, b = noise[:, 0, :, :-1].flatten(), noise[:, 0, :, 1:].flatten()
+    assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.95  # smooth at the lattice scale
+    torch.testing.assert_close(parts.perlin_noise(3, 112, gens(1, 2, 3), octaves=1, scale=16.0), noise)
+    # an item depends only on its own seed, not on the batch it is in
+    torch.testing.assert_close(parts.perlin_noise(1, 112, gens(2), octaves=1, scale=16.0)[0], noise[1])
+    assert (noise[0] - noise[2]).abs().mean() > 0.05
+    # drawing again from the same generators gives a fresh field (the temporal seed)
+    g = gens(1)
+    assert not torch.equal(parts.perlin_noise(1, 112, g, octaves=1), parts.perlin_noise(1, 112, g, octaves=1))
+
+
+def test_perlin_octaves_add_high_frequencies():
+    def high_share(octaves: int) -> float:
+        n = parts.perlin_noise(8, 112, gens(*range(8)), octaves=octaves, persistence=0.6, scale=32.0)
+        power = torch.fft.fft2(n - n.mean(dim=(2, 3), keepdim=True)).abs() ** 2
+        u = torch.fft.fftfreq(112)
+        high = (u[:, None] ** 2 + u[None, :] ** 2).sqrt() > 0.1
+        return float(power[..., high].sum() / power.sum())
+
+    one, four = high_share(1), high_share(4)
+    assert four > 3 * one
+
+
+def test_entropy_orders_images_and_is_differentiable(faces):
+    uniform = parts.histogram_entropy(torch.rand(2, 3, 112, 112, generator=torch.Generator().manual_seed(0)))
+    constant = parts.histogram_entropy(torch.full((2, 3, 112, 112), 0.3))
+    natural = parts.histogram_entropy(faces)
+    assert (uniform > natural).all() and (natural > constant).all() and uniform.max() <= 1
+    x = faces.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(parts.histogram_entropy(x, bins=32, bandwidth=1.5).sum(), x)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    # one ascent step along the gradient raises the entropy
+    step = faces + 0.02 * grad / grad.abs().amax()
+    assert (parts.histogram_entropy(step, 32, 1.5) > parts.histogram_entropy(faces, 32, 1.5)).all()
+
+
+def test_boosters_off_have_no_effect(faces):
+    draws = torch.rand(2, 4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(parts.input_diversity(faces, draws, prob=0.0, scale=0.1, shift=0.1), faces)
+    moved = parts.input_diversity(faces, draws, prob=1.0, scale=0.1, shift=0.1)
+    assert (moved - faces).abs().mean() > 0.01
+    u = torch.rand(64, 4, generator=torch.Generator().manual_seed(1))
+    assert parts.model_dropout(u, 0.0).eq(1).all()
+    assert parts.model_dropout(u, 0.999).sum(1).eq(1).all()  # at least one surrogate stays
+
+
+# ---------------------------------------------------------------- LFSA
+
+
+def small(surrogate, **kwargs) -> LFSA:
+    cfg = {"steps": 3, "alpha": 0.5, "boosters": {"input_diversity": {"enabled": True}}, **kwargs}
+    return LFSA([surrogate], **cfg)
+
+
+def test_lfsa_raises_surrogate_similarity_and_is_stochastic(faces, surrogate):
+    method = small(surrogate)
+    seeds = torch.tensor([11, 12])
+    stages = method.stages(faces, seeds)
+    out = stages["protected"]
+    assert out.shape == faces.shape and out.min() >= 0 and out.max() <= 1
+    assert set(stages) == {"original", "F", "C", "protected"}
+    assert (cos(surrogate, faces, out) > cos(surrogate, faces, stages["C"]) + 0.05).all()
+    assert len(method.last_history["loss"]) == 3
+    torch.testing.assert_close(method(faces, seeds), out)  # same seeds: same output
+    other = method(faces, torch.tensor([13, 14]))
+    assert (other - out).abs().mean() > 0.01  # X -> X' is not a function
+    # an item depends on its own seed and input only, not on the rest of the batch
+    torch.testing.assert_close(method(faces[1:], seeds[1:]), out[1:], atol=1e-4, rtol=0)
+
+
+def test_lfsa_ablations_change_the_path(faces, surrogate):
+    seeds = torch.tensor([5, 6])
+    full = LFSA([surrogate], steps=0).stages(faces, seeds)
+    assert not torch.allclose(full["F"], faces) and not torch.allclose(full["C"], full["F"])
+    torch.testing.assert_close(full["protected"], full["C"])  # T = 0: X' = X0
+    wo_f = LFSA([surrogate], steps=0, highpass={"enabled": False}).stages(faces, seeds)
+    torch.testing.assert_close(wo_f["F"], faces)  # w/o F: start from X
+    mask = parts.keep_mask(112)[0, 0] == 1
+    torch.testing.assert_close(wo_f["C"][..., mask], faces[..., mask])
+    wo_c = LFSA([surrogate], steps=0, prune={"enabled": False}).stages(faces, seeds)
+    torch.testing.assert_close(wo_c["C"], full["F"])  # w/o C: no pruning
+    wo_p = LFSA([surrogate], steps=2, gamma=5.0, noise={"enabled": False})
+    wo_p(faces, seeds)
+    assert wo_p.last_history["entropy"] == [0.0, 0.0]  # w/o P: gamma = 0 and N' = 1
+    with_p = LFSA([surrogate], steps=2, gamma=5.0)
+    with_p(faces, seeds)
+    assert min(with_p.last_history["entropy"]) > 0.5
+
+
+def test_lfsa_runs_inside_inference_mode(faces, surrogate):
+    method = small(surrogate, steps=1)
+    seeds = torch.tensor([1, 2])
+    expected = method(faces, seeds)
+    with torch.inference_mode():
+        x = faces.clone()  # an inference tensor, as a Lightning predict loop hands it over
+        with torch.enable_grad():
+            out = method(x, seeds)
+    torch.testing.assert_close(out, expected)
+
+
+def test_lfsa_under_bf16_autocast(faces, surrogate):
+    method = small(surrogate, steps=1)
+    seeds = torch.tensor([1, 2])
+    plain = method.stages(faces, seeds)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = method.stages(faces, seeds)
+    torch.testing.assert_close(mixed["C"], plain["C"])  # F and C stay in float32 under autocast
+    out = mixed["protected"]
+    assert out.dtype == torch.float32 and torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
+    assert (out - plain["protected"]).abs().mean() < 0.01
+
+
+def test_create_checks_keys(surrogate):
+    with pytest.raises(ConfigError, match="unknown method 'nope'.*lfsa"):
+        create({"name": "nope"}, [surrogate])
+    with pytest.raises(ConfigError, match="stepz.*valid keys"):
+        create({"name": "lfsa", "stepz": 3}, [surrogate])
+    with pytest.raises(ConfigError, match=r"protect\.prune: unknown key\(s\) kapa"):
+        create({"name": "lfsa", "prune": {"kapa": 1}}, [surrogate])
+    with pytest.raises(ConfigError, match=r"protect\.boosters\.input_diversity: unknown key\(s\) zoom"):
+        create({"name": "lfsa", "boosters": {"input_diversity": {"zoom": 1}}}, [surrogate])
+    with pytest.raises(ConfigError, match="noise.mode"):
+        create({"name": "lfsa", "noise": {"mode": "mix"}}, [surrogate])
+    with pytest.raises(ConfigError, match="ensemble"):
+        create({"name": "lfsa", "ensemble": ["mobilefacenet_tf"]}, [surrogate])
+    with pytest.raises(ConfigError, match="ensemble"):
+        create({"name": "lfsa"}, None)
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_presets_build(preset, models_dir):
+    cfg = OmegaConf.load(preset)
+    ensemble = recognizers.create_many(list(cfg.ensemble), models_dir)
+    method = create(cfg, ensemble)
+    assert method.steps == cfg.steps and len(method.recognizers) == len(cfg.ensemble)
+
+
+def test_ablation_presets_differ_only_in_their_part():
+    load = {p.stem: OmegaConf.to_container(OmegaConf.load(p)) for p in PRESETS}
+    base = load["lfsa"]
+    for name, key, change in (
+        ("wo_f", "highpass", {"enabled": False}),
+        ("wo_c", "prune", {"enabled": False}),
+        ("wo_p", "noise", {"enabled": False}),
+    ):
+        expected = {**base, key: {**base[key], **change}}
+        assert load[name] == expected, name
+
+
+def test_default_preset_end_to_end(faces, models_dir):
+    cfg = OmegaConf.load(ROOT / "configs" / "protect" / "lfsa.yaml")
+    ensemble = recognizers.create_many(list(cfg.ensemble), models_dir)
+    method = create({**OmegaConf.to_container(cfg), "steps": 1}, ensemble).to("cpu")  # moves like any module
+    out = method(faces, torch.tensor([1, 2]))
+    assert out.shape == faces.shape and torch.isfinite(out).all()
