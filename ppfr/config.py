@@ -115,7 +115,9 @@ def compose(argv: Sequence[str] = (), config_dir: Path = CONFIG_DIR) -> DictConf
             overrides.append(f"{key}={value}")
         else:
             valid = sorted({*base.keys(), *choices, "experiment"})
-            raise ConfigError(f"unknown config key {key!r}; valid top-level keys and groups: {', '.join(valid)}")
+            raise ConfigError(
+                f"unknown config key {key!r}; valid top-level keys and groups: {', '.join(valid)}"
+            )
 
     cfg = base
     for group, option in choices.items():

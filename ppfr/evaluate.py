@@ -18,7 +18,6 @@ from ppfr.generate import load_png
 from ppfr.recognizers import Recognizer
 from ppfr.verification import verify
 
-
 MIN_PAIRS_PER_CLASS = 10  # below this, k-fold pair accuracy is not reported
 
 
@@ -52,7 +51,9 @@ def embed_sets(
     return image, {k: torch.cat(v) for k, v in clean.items()}, {k: torch.cat(v) for k, v in prot.items()}
 
 
-def _cross_identity_far(probe: torch.Tensor, gallery: torch.Tensor, labels: torch.Tensor, threshold: float) -> float:
+def _cross_identity_far(
+    probe: torch.Tensor, gallery: torch.Tensor, labels: torch.Tensor, threshold: float
+) -> float:
     """Share of (a, b) with different identities whose cos(probe_a, gallery_b) passes the threshold."""
     accepted, total = 0, 0
     for start in range(0, len(probe), 1024):
@@ -88,7 +89,11 @@ def blackbox_metrics(
     }
     if pairs is not None and min(int(issame.sum()), int((~issame).sum())) >= MIN_PAIRS_PER_CLASS:
         i, j = pairs[:, 0], pairs[:, 1]
-        for name, a, b in (("clean", clean, clean), ("protected_vs_clean", protected, clean), ("protected", protected, protected)):
+        for name, a, b in (
+            ("clean", clean, clean),
+            ("protected_vs_clean", protected, clean),
+            ("protected", protected, protected),
+        ):
             scores = F.cosine_similarity(a[i], b[j], dim=1)
             out[f"pair_acc_{name}"] = verify(scores, issame, folds)["accuracy"]
     return out

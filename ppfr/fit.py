@@ -28,7 +28,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = compose(argv)
     if cfg.task not in tasks():
-        raise ConfigError(f"task={cfg.task!r} (experiment {cfg.experiment}) is unknown; tasks: {', '.join(tasks())}")
+        raise ConfigError(
+            f"task={cfg.task!r} (experiment {cfg.experiment}) is unknown; tasks: {', '.join(tasks())}"
+        )
     run = Run(cfg)
     if cfg.print_config:
         print(OmegaConf.to_yaml(cfg, resolve=True))

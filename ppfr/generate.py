@@ -82,7 +82,7 @@ class ProtectModule(L.LightningModule):
 
 def save_png(image: torch.Tensor, path: Path) -> None:
     """A lossless 8-bit PNG with no metadata, renamed into place atomically."""
-    array = (image.float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy())
+    array = image.float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     Image.fromarray(array, mode="RGB").save(tmp, format="PNG")
@@ -162,7 +162,9 @@ class ProtectedSetWriter(BasePredictionWriter):
         self.digest = config_digest
         self.attempt = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
+    ):
         records = []
         for k, item_id in enumerate(prediction["id"]):
             index = prediction["index"][k]

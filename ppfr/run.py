@@ -50,9 +50,11 @@ def format_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
     body = [[cell(v) for v in row] for row in rows]
     widths = [max(len(str(c)), *(len(r[i]) for r in body)) for i, c in enumerate(columns)]
-    line = "  ".join(str(c).ljust(w) for c, w in zip(columns, widths))
+    line = "  ".join(str(c).ljust(w) for c, w in zip(columns, widths, strict=True))
     sep = "  ".join("-" * w for w in widths)
-    return "\n".join([line, sep, *("  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in body)])
+    return "\n".join(
+        [line, sep, *("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in body)]
+    )
 
 
 def is_main_process() -> bool:
@@ -157,7 +159,9 @@ class Run:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(make_grid([im.detach().float().cpu().clamp(0, 1) for im in images], nrow=4), path)
         if isinstance(self.logger, WandbLogger):
-            self.logger.log_image(key=key, images=[im.detach().float().cpu() for im in images], caption=captions)
+            self.logger.log_image(
+                key=key, images=[im.detach().float().cpu() for im in images], caption=captions
+            )
 
     def finish(self) -> None:
         if self.logger is not None:

@@ -49,7 +49,9 @@ def test_item_seeds_fresh_or_derived():
 
 
 def test_protect_writes_set_and_evaluates(faces_mini, models_dir, align_cache, tmp_path):
-    results = main(protect_args(faces_mini, models_dir, align_cache, tmp_path / "run", "seed=0", "eval.grid=2"))
+    results = main(
+        protect_args(faces_mini, models_dir, align_cache, tmp_path / "run", "seed=0", "eval.grid=2")
+    )
     out = Path(results["generation"]["out_dir"])
     manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert len(manifest) == results["generation"]["images"] > 0
@@ -64,16 +66,26 @@ def test_protect_writes_set_and_evaluates(faces_mini, models_dir, align_cache, t
     assert saved["seed"] == 0 and saved["eval"]["summary"]["ssim"] == summary["ssim"]
     assert (tmp_path / "run" / "images" / "eval_grid.png").exists()
     # The same command again finds every image finished and generates nothing.
-    again = main(protect_args(faces_mini, models_dir, align_cache, tmp_path / "run", "seed=0", "eval.enabled=false"))
+    again = main(
+        protect_args(faces_mini, models_dir, align_cache, tmp_path / "run", "seed=0", "eval.enabled=false")
+    )
     assert again["generation"]["generated_now"] == 0
 
 
 def test_ddp_spawn_writes_the_same_files_as_one_process(faces_mini, models_dir, align_cache, tmp_path):
-    one = main(protect_args(faces_mini, models_dir, align_cache, tmp_path / "one", "seed=1", "eval.enabled=false"))
+    one = main(
+        protect_args(faces_mini, models_dir, align_cache, tmp_path / "one", "seed=1", "eval.enabled=false")
+    )
     two = main(
         protect_args(
-            faces_mini, models_dir, align_cache, tmp_path / "two", "seed=1", "eval.enabled=false",
-            "trainer.devices=2", "trainer.strategy=ddp_spawn",
+            faces_mini,
+            models_dir,
+            align_cache,
+            tmp_path / "two",
+            "seed=1",
+            "eval.enabled=false",
+            "trainer.devices=2",
+            "trainer.strategy=ddp_spawn",
         )
     )
     out1, out2 = Path(one["generation"]["out_dir"]), Path(two["generation"]["out_dir"])
@@ -90,8 +102,14 @@ def test_ddp_spawn_writes_the_same_files_as_one_process(faces_mini, models_dir, 
 def test_killed_run_resumes_without_loss_or_duplicates(faces_mini, models_dir, align_cache, tmp_path):
     run_dir = tmp_path / "run"
     args = protect_args(
-        faces_mini, models_dir, align_cache, run_dir, "eval.enabled=false", "generate.batch_size=1",
-        "data.subset.identities=6", "protect.steps=3",
+        faces_mini,
+        models_dir,
+        align_cache,
+        run_dir,
+        "eval.enabled=false",
+        "generate.batch_size=1",
+        "data.subset.identities=6",
+        "protect.steps=3",
     )
     cmd = [sys.executable, "-m", "ppfr.fit", *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -100,7 +118,9 @@ def test_killed_run_resumes_without_loss_or_duplicates(faces_mini, models_dir, a
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and len(protected.records()) < 2:
         time.sleep(0.05)
-    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    assert proc.poll() is None, (
+        f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    )
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done_before = len(protected.records())
@@ -110,7 +130,9 @@ def test_killed_run_resumes_without_loss_or_duplicates(faces_mini, models_dir, a
     gen = results["generation"]
     assert gen["resumed_from"] == done_before
     assert gen["generated_now"] + gen["resumed_from"] == gen["images"]
-    manifest = [json.loads(line) for line in (run_dir / "protected" / "manifest.jsonl").read_text().splitlines()]
+    manifest = [
+        json.loads(line) for line in (run_dir / "protected" / "manifest.jsonl").read_text().splitlines()
+    ]
     ids = [r["id"] for r in manifest]
     assert len(ids) == len(set(ids)) == gen["images"]
     assert len(pngs(run_dir / "protected")) == gen["images"]  # no stray or duplicated files
@@ -119,11 +141,26 @@ def test_killed_run_resumes_without_loss_or_duplicates(faces_mini, models_dir, a
 
 @pytest.mark.parametrize(
     "preset",
-    ["protect=paper", "protect=wo_f", "protect=wo_c", "protect=wo_p",
-     "experiment=ensemble_1", "experiment=ensemble_2", "experiment=ensemble_3", "experiment=ensemble_4"],
+    [
+        "protect=paper",
+        "protect=wo_f",
+        "protect=wo_c",
+        "protect=wo_p",
+        "experiment=ensemble_1",
+        "experiment=ensemble_2",
+        "experiment=ensemble_3",
+        "experiment=ensemble_4",
+    ],
 )
 def test_presets_run(preset, faces_mini, models_dir, align_cache, tmp_path):
-    args = protect_args(faces_mini, models_dir, align_cache, tmp_path / "run", "eval.enabled=false",
-                        "data.subset.identities=1", "protect.steps=1")
+    args = protect_args(
+        faces_mini,
+        models_dir,
+        align_cache,
+        tmp_path / "run",
+        "eval.enabled=false",
+        "data.subset.identities=1",
+        "protect.steps=1",
+    )
     results = main([*args, preset] if preset.startswith("protect") else [preset, *args[1:]])
     assert results["generation"]["images"] >= 1

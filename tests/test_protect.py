@@ -257,6 +257,26 @@ def test_presets_build(preset, models_dir):
     assert method.steps == cfg.steps and len(method.recognizers) == len(cfg.ensemble)
 
 
+def test_constructor_defaults_are_the_paper_preset(surrogate):
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "protect" / "paper.yaml"))
+    cfg.pop("ensemble")
+    preset, default = create(cfg, [surrogate]), LFSA([surrogate])
+    for key in (
+        "highpass",
+        "prune",
+        "noise",
+        "entropy",
+        "boosters",
+        "gamma",
+        "alpha",
+        "mu",
+        "p",
+        "steps",
+        "update",
+    ):
+        assert getattr(preset, key) == getattr(default, key), key
+
+
 def test_ablation_presets_differ_only_in_their_part():
     load = {p.stem: OmegaConf.to_container(OmegaConf.load(p)) for p in PRESETS}
     base = load["lfsa"]

@@ -48,13 +48,8 @@ def test_registry_lists_usable_models_and_families(models_dir, zoo):
     usable = [
         e["name"] for e in json.loads((models_dir / "models.json").read_text())["models"] if e["usable"]
     ]
-    assert recognizers.available(models_dir) == usable + [
-        "iresnet18",
-        "iresnet34",
-        "iresnet50",
-        "iresnet100",
-        "facenet",
-    ]
+    torch_archs = ["iresnet18", "iresnet34", "iresnet50", "iresnet100", "facenet"]
+    assert recognizers.available(models_dir) == usable + torch_archs
     assert list(zoo) == usable
     assert zoo["hse_faceres_deep"].family == zoo["hse_faceres"].family == "hse_faceres"
     others = [r.family for n, r in zoo.items() if n != "hse_faceres_deep"]
@@ -90,7 +85,7 @@ def test_onnx_to_torch_matches_onnxruntime(zoo, models_dir):
 
 
 def test_input_gradients_flow_and_networks_stay_frozen(zoo):
-    x = torch.rand(2, 3, 112, 112, generator=torch.Generator().manual_seed(1))
+    x = torch.rand(1, 3, 112, 112, generator=torch.Generator().manual_seed(1))
     for rec in zoo.values():
         rec.train()  # a caller switching modes must not unfreeze BatchNorm statistics or dropout
         assert not rec.network.training
@@ -160,7 +155,7 @@ def test_template_models_skip_the_warp_and_apply_channel_order_and_values(zoo):
 
 
 def test_iresnet_layouts_match_arcface_torch_keys():
-    """Checked on the meta device: no memory, no time, the full r100 layout."""
+    """Every depth, r100 included, checked on the meta device (no memory needed)."""
     with torch.device("meta"):
         state = {name: IResNet(layers).state_dict() for name, layers in LAYERS.items()}
     for name, blocks in LAYERS.items():
@@ -270,7 +265,7 @@ def test_misfit_state_dict_lists_keys_and_shapes(tmp_path):
         recognizers.create("iresnet18", weights=path)
 
 
-def test_config_errors_name_the_choices(models_dir, zoo):
+def test_config_errors_name_the_choices(models_dir):
     with pytest.raises(
         ConfigError,
         match=r"unknown recognizer 'arcface'; available: mobilefacenet_tf, .*hse_faceres_deep, iresnet18, .*facenet",

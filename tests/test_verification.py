@@ -6,9 +6,12 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
+from ppfr import recognizers
 from ppfr.errors import ConfigError
-from ppfr.verification import best_threshold, load_threshold, save_calibration, tar_at_far, verify
+from ppfr.verification import best_threshold, embed, load_threshold, save_calibration, tar_at_far, verify
 
 
 def test_perfectly_separable_pairs_give_accuracy_and_auc_one():
@@ -94,3 +97,16 @@ def test_missing_calibration_names_file_and_entry(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ConfigError, match="cannot read the calibration file"):
         load_threshold(path, "rec_a", "lfw")
+
+
+def test_embed_rows_follow_index_and_flip_sums_both_views(models_dir):
+    rec = recognizers.create("mobileface_becauseofai", models_dir)
+    images = torch.rand(5, 3, 112, 112, generator=torch.Generator().manual_seed(0))
+    items = [{"image": images[k], "index": k} for k in range(5)]
+    loader = DataLoader(items, batch_size=2, shuffle=True, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain, flipped = rec(images), rec(images.flip(-1))
+    assert torch.allclose(embed(rec, loader, flip=False, device="cpu"), plain, atol=1e-5)
+    both = embed(rec, loader, flip=True, device="cpu")
+    assert torch.allclose(both, F.normalize(plain + flipped, dim=1), atol=1e-5)
+    assert not torch.allclose(both, plain, atol=1e-3)

@@ -100,6 +100,7 @@ def keep_mask(
     width in those pixels of a linear ramp across the border (0 = hard edge), which avoids a
     strong artificial edge at the seam.
     """
+    regions = (regions,) if isinstance(regions, str) else tuple(regions)
     unknown = [r for r in regions if r not in REGIONS]
     if unknown or not regions:
         raise ConfigError(

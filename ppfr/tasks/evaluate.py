@@ -8,7 +8,6 @@ and pair-protocol accuracy with protected probes against a clean gallery and aga
 from __future__ import annotations
 
 import json
-
 from typing import Any
 
 import torch
@@ -36,7 +35,9 @@ def _label_pairs(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([i[keep], j[keep]], dim=1), same[keep]
 
 
-def _threshold(cfg: DictConfig, name: str, clean: torch.Tensor, labels: torch.Tensor, pairs, issame) -> tuple[float, str]:
+def _threshold(
+    cfg: DictConfig, name: str, clean: torch.Tensor, labels: torch.Tensor, pairs, issame
+) -> tuple[float, str]:
     """The recognizer's calibrated threshold: from the calibration file, else from clean pairs of this data."""
     source = cfg.eval.threshold_source
     if source in ("file", "auto"):
@@ -50,8 +51,10 @@ def _threshold(cfg: DictConfig, name: str, clean: torch.Tensor, labels: torch.Te
         pairs, issame = _label_pairs(labels)
         where = "clean same/different-identity pairs of this run"
     if not (issame.any() and (~issame).any()):
-        raise ConfigError(f"no calibrated threshold for {name} on {cfg.data.name} in {cfg.calibration_file}, "
-                          "and too few identities here to calibrate one: run experiment=verify first")
+        raise ConfigError(
+            f"no calibrated threshold for {name} on {cfg.data.name} in {cfg.calibration_file}, "
+            "and too few identities here to calibrate one: run experiment=verify first"
+        )
     scores = F.cosine_similarity(clean[pairs[:, 0]], clean[pairs[:, 1]], dim=1)
     return best_threshold(scores, issame)[0], where
 
@@ -63,16 +66,23 @@ def evaluate_set(
     ids = dm.dataset.ids
     for rec in records:
         if rec["index"] >= len(ids) or ids[rec["index"]] != rec["id"]:
-            raise DataError(f"{out.dir / 'manifest.jsonl'}: image {rec['id']!r} is not item {rec['index']} of {cfg.data.name}")
+            raise DataError(
+                f"{out.dir / 'manifest.jsonl'}: image {rec['id']!r} is not item {rec['index']} of {cfg.data.name}"
+            )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     weights = to_dict(cfg.recognizer.weights)
-    blackbox = [r.to(device) for r in recognizers.create_many(list(cfg.eval.blackbox), cfg.recognizer.models_dir, weights)]
+    blackbox = [
+        r.to(device)
+        for r in recognizers.create_many(list(cfg.eval.blackbox), cfg.recognizer.models_dir, weights)
+    ]
     image, clean, prot = embed_sets(dm.dataset, records, out.dir, blackbox, cfg.eval.batch_size, device)
 
     # Pairs of the dataset, re-indexed to the rows of `records`.
     row = {rec["index"]: k for k, rec in enumerate(records)}
     keep = [n for n, (i, j) in enumerate(dm.pairs.tolist()) if i in row and j in row]
-    pairs = torch.tensor([[row[i], row[j]] for i, j in dm.pairs[keep].tolist()], dtype=torch.long).reshape(-1, 2)
+    pairs = torch.tensor([[row[i], row[j]] for i, j in dm.pairs[keep].tolist()], dtype=torch.long).reshape(
+        -1, 2
+    )
     issame, folds = dm.issame[keep], dm.folds[keep]
     labels = torch.tensor([rec["label"] for rec in records])
 
@@ -90,23 +100,45 @@ def evaluate_set(
         "blackbox_match_min": min(matches),
         "n_pairs": len(pairs),
     }
-    columns = ["recognizer", "match", "cos", "thr", "FAR prot", "FAR clean", "acc clean", "acc X'|X", "acc X'|X'"]
+    columns = [
+        "recognizer",
+        "match",
+        "cos",
+        "thr",
+        "FAR prot",
+        "FAR clean",
+        "acc clean",
+        "acc X'|X",
+        "acc X'|X'",
+    ]
     rows = [
-        [name, m["match"], m["cos_mean"], m["threshold"], m["far_protected"], m["far_clean"],
-         m.get("pair_acc_clean", float("nan")), m.get("pair_acc_protected_vs_clean", float("nan")),
-         m.get("pair_acc_protected", float("nan"))]
+        [
+            name,
+            m["match"],
+            m["cos_mean"],
+            m["threshold"],
+            m["far_protected"],
+            m["far_clean"],
+            m.get("pair_acc_clean", float("nan")),
+            m.get("pair_acc_protected_vs_clean", float("nan")),
+            m.get("pair_acc_protected", float("nan")),
+        ]
         for name, m in per_model.items()
     ]
     print(f"SSIM(X', X) {image['ssim']:.4f}  PSNR {image['psnr']:.2f} dB  over {image['n_images']} images")
     print(format_table(columns, rows))
     run.log_table("eval/blackbox", columns, rows)
     run.log_metrics({f"eval/{k}": v for k, v in summary.items()})
-    run.log_metrics({f"eval/{name}/{k}": v for name, m in per_model.items() for k, v in m.items() if isinstance(v, float)})
+    run.log_metrics(
+        {f"eval/{name}/{k}": v for name, m in per_model.items() for k, v in m.items() if isinstance(v, float)}
+    )
     _log_grid(cfg, run, dm, out, records, method)
     return {"eval": {"summary": summary, "blackbox": per_model}}
 
 
-def _log_grid(cfg: DictConfig, run: Run, dm, out: ProtectedSet, records, method: ProtectionMethod | None) -> None:
+def _log_grid(
+    cfg: DictConfig, run: Run, dm, out: ProtectedSet, records, method: ProtectionMethod | None
+) -> None:
     """original | F | C | protected for a few faces (the method reruns them with their recorded seeds)."""
     chosen = records[: cfg.eval.grid]
     if not chosen:
@@ -127,14 +159,15 @@ def _log_grid(cfg: DictConfig, run: Run, dm, out: ProtectedSet, records, method:
 
 def run(cfg: DictConfig, run: Run) -> dict[str, Any]:
     if not cfg.eval.set_dir:
-        raise ConfigError("experiment=evaluate needs eval.set_dir=<folder of a protected set (holding manifest.jsonl)>")
+        raise ConfigError(
+            "experiment=evaluate needs eval.set_dir=<folder of a protected set (holding manifest.jsonl)>"
+        )
     out = ProtectedSet(cfg.eval.set_dir)
     if not (out.dir / "manifest.jsonl").exists():
-        raise DataError(f"{out.dir}: no manifest.jsonl; is this a finished protected set? (rerun protect to resume it)")
+        raise DataError(
+            f"{out.dir}: no manifest.jsonl; is this a finished protected set? (rerun protect to resume it)"
+        )
     dm = datamodules.create(to_dict(cfg.data))
     dm.prepare_data()
     dm.setup("predict")
     return evaluate_set(cfg, run, dm, out)
-
-
-

@@ -64,7 +64,9 @@ def run(cfg: DictConfig, run: Run) -> dict[str, Any]:
     records = out.write_manifest()
     missing = sorted(set(ids) - {r["id"] for r in records})
     if missing:
-        raise DataError(f"{out.dir}: {len(missing)} images were not written (first: {missing[:3]}); rerun to resume")
+        raise DataError(
+            f"{out.dir}: {len(missing)} images were not written (first: {missing[:3]}); rerun to resume"
+        )
     results: dict[str, Any] = {
         "generation": {
             "out_dir": str(out.dir),
