@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -62,9 +64,26 @@ def test_help_lists_groups_and_options():
     assert "wandb" in text
 
 
-def test_run_dir_holds_config_and_results(tmp_path, capsys):
-    """A real run of the CLI (the data_check task) writes config.yaml and results.json."""
-    pytest.importorskip("datamodules")
+def test_cli_run_writes_config_results_and_offline_wandb(faces_mini, align_cache, tmp_path, monkeypatch):
+    """The main job through the real CLI: run dir, resolved config, results, and an offline W&B run."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    run_dir = tmp_path / "run"
+    results = main(
+        [
+            "experiment=data_check",
+            "data=lfw",
+            f"data.root={faces_mini / 'lfw'}",
+            "data.subset.pairs=4",
+            f"data.cache_dir={align_cache}",
+            f"run_dir={run_dir}",
+            "seed=5",
+        ]
+    )
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results, default=str))
+    assert saved["seed"] == 5 and saved["pairs"] == 4 and saved["images"] >= 4
+    assert OmegaConf.load(run_dir / "config.yaml").data.subset.pairs == 4
+    assert list((run_dir / "wandb").glob("offline-run-*")), "W&B must write an offline run by default"
 
 
 def test_unknown_task_is_an_error(tmp_path):

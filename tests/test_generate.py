@@ -159,8 +159,37 @@ def test_presets_run(preset, faces_mini, models_dir, align_cache, tmp_path):
         align_cache,
         tmp_path / "run",
         "eval.enabled=false",
-        "data.subset.identities=1",
+        "data.subset.pairs=2",
         "protect.steps=1",
     )
     results = main([*args, preset] if preset.startswith("protect") else [preset, *args[1:]])
     assert results["generation"]["images"] >= 1
+
+
+def test_fresh_randomness_gives_different_images_that_both_still_match(
+    faces_mini, models_dir, align_cache, tmp_path
+):
+    """seed=null: the same faces protected twice differ, and a calibrated black box matches both."""
+    calibration = tmp_path / "calibration.json"
+    main(
+        [
+            "experiment=verify", "recognizer=dlib_resnet", "data=lfw", f"data.root={faces_mini / 'lfw'}",
+            "data.subset.pairs=100", f"data.cache_dir={align_cache}", f"paths.models={models_dir}",
+            f"calibration_file={calibration}", "logger=csv", f"run_dir={tmp_path / 'verify'}",
+        ]
+    )  # fmt: skip
+    runs = []
+    for k in range(2):
+        args = protect_args(faces_mini, models_dir, align_cache, tmp_path / f"run{k}", "data.subset.pairs=2")
+        extra = ["protect.steps=30", "eval.blackbox=[dlib_resnet]", "eval.threshold_source=file",
+                 f"calibration_file={calibration}", "eval.grid=0"]  # fmt: skip
+        runs.append(main([*args, *extra]))
+    assert runs[0]["seed"] is None and runs[0]["seed_source"] == "os-entropy"
+    sets = [Path(r["generation"]["out_dir"]) for r in runs]
+    assert pngs(sets[0]) == pngs(sets[1])
+    for name in pngs(sets[0]):
+        assert (load_png(sets[0] / name) - load_png(sets[1] / name)).abs().mean() > 0.02
+    for r in runs:
+        dlib = r["eval"]["blackbox"]["dlib_resnet"]
+        assert dlib["threshold_source"] == "file"
+        assert dlib["match"] == 1.0, dlib
