@@ -29,8 +29,19 @@ def embed_sets(
     recognizers: Sequence[Recognizer],
     batch_size: int = 64,
     device: str | torch.device = "cpu",
+    flip: bool = False,
 ) -> tuple[dict[str, float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """SSIM/PSNR of X' against X, and clean/protected embeddings per recognizer (rows follow `records`)."""
+    """SSIM/PSNR of X' against X, and clean/protected embeddings per recognizer (rows follow `records`).
+
+    `flip` sums each embedding with that of the mirrored image, as the verification protocol
+    does, so that thresholds calibrated there apply here."""
+
+    def embed(rec: Recognizer, images: torch.Tensor) -> torch.Tensor:
+        e = rec(images)
+        if flip:
+            e = F.normalize(e + rec(images.flip(-1)), dim=1)
+        return e.float().cpu()
+
     ssim, psnr = [], []
     clean = {r.name: [] for r in recognizers}
     prot = {r.name: [] for r in recognizers}
@@ -41,8 +52,8 @@ def embed_sets(
         ssim.append(structural_similarity_index_measure(xp, x, data_range=1.0, reduction="none"))
         psnr.append(peak_signal_noise_ratio(xp, x, data_range=1.0, reduction="none", dim=(1, 2, 3)))
         for rec in recognizers:
-            clean[rec.name].append(rec(x).float().cpu())
-            prot[rec.name].append(rec(xp).float().cpu())
+            clean[rec.name].append(embed(rec, x))
+            prot[rec.name].append(embed(rec, xp))
     image = {
         "ssim": torch.cat(ssim).mean().item(),
         "psnr": torch.cat(psnr).mean().item(),

@@ -75,7 +75,9 @@ def evaluate_set(
         r.to(device)
         for r in recognizers.create_many(list(cfg.eval.blackbox), cfg.recognizer.models_dir, weights)
     ]
-    image, clean, prot = embed_sets(dm.dataset, records, out.dir, blackbox, cfg.eval.batch_size, device)
+    image, clean, prot = embed_sets(
+        dm.dataset, records, out.dir, blackbox, cfg.eval.batch_size, device, flip=cfg.recognizer.flip
+    )
 
     # Pairs of the dataset, re-indexed to the rows of `records`.
     row = {rec["index"]: k for k, rec in enumerate(records)}
