@@ -70,6 +70,16 @@ def test_protect_writes_set_and_evaluates(faces_mini, models_dir, align_cache, t
         protect_args(faces_mini, models_dir, align_cache, tmp_path / "run", "seed=0", "eval.enabled=false")
     )
     assert again["generation"]["generated_now"] == 0
+    # experiment=evaluate measures the written set alone, with the same numbers.
+    args = protect_args(
+        faces_mini, models_dir, align_cache, tmp_path / "eval", f"eval.set_dir={out}", "eval.grid=2"
+    )
+    evaluated = main(["experiment=evaluate", *args[1:]])
+    assert evaluated["eval"]["summary"]["ssim"] == pytest.approx(summary["ssim"], abs=1e-6)
+    assert (
+        evaluated["eval"]["blackbox"]["dlib_resnet"]["match"]
+        == results["eval"]["blackbox"]["dlib_resnet"]["match"]
+    )
 
 
 def test_ddp_spawn_writes_the_same_files_as_one_process(faces_mini, models_dir, align_cache, tmp_path):

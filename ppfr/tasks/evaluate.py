@@ -60,7 +60,12 @@ def _threshold(
 
 
 def evaluate_set(
-    cfg: DictConfig, run: Run, dm, out: ProtectedSet, method: ProtectionMethod | None = None
+    cfg: DictConfig,
+    run: Run,
+    dm,
+    out: ProtectedSet,
+    method: ProtectionMethod | None = None,
+    blackbox: list[recognizers.Recognizer] | None = None,
 ) -> dict[str, Any]:
     records = [json.loads(line) for line in (out.dir / "manifest.jsonl").read_text().splitlines()]
     ids = dm.dataset.ids
@@ -70,11 +75,10 @@ def evaluate_set(
                 f"{out.dir / 'manifest.jsonl'}: image {rec['id']!r} is not item {rec['index']} of {cfg.data.name}"
             )
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    weights = to_dict(cfg.recognizer.weights)
-    blackbox = [
-        r.to(device)
-        for r in recognizers.create_many(list(cfg.eval.blackbox), cfg.recognizer.models_dir, weights)
-    ]
+    if blackbox is None:
+        weights = to_dict(cfg.recognizer.weights)
+        blackbox = recognizers.create_many(list(cfg.eval.blackbox), cfg.recognizer.models_dir, weights)
+    blackbox = [r.to(device) for r in blackbox]
     image, clean, prot = embed_sets(
         dm.dataset, records, out.dir, blackbox, cfg.eval.batch_size, device, flip=cfg.recognizer.flip
     )

@@ -19,21 +19,23 @@ from ppfr.run import Run
 from ppfr.tasks.evaluate import evaluate_set
 
 
-def build_method(cfg: DictConfig) -> tuple[protect.ProtectionMethod, dict[str, Any]]:
-    """The method from `cfg.protect`, with its surrogate ensemble from the recognizer zoo."""
+def build_method(
+    cfg: DictConfig,
+) -> tuple[protect.ProtectionMethod, dict[str, Any], list[recognizers.Recognizer]]:
+    """The method from `cfg.protect` with its surrogates, and the black boxes (checked independent of them)."""
     method_cfg = to_dict(cfg.protect)
     weights = to_dict(cfg.recognizer.weights)
     ensemble = recognizers.create_many(method_cfg.get("ensemble") or [], cfg.recognizer.models_dir, weights)
     blackbox = recognizers.create_many(list(cfg.eval.blackbox), cfg.recognizer.models_dir, weights)
     recognizers.check_disjoint(ensemble, blackbox)
-    return protect.create(method_cfg, ensemble), method_cfg
+    return protect.create(method_cfg, ensemble), method_cfg, blackbox
 
 
 def run(cfg: DictConfig, run: Run) -> dict[str, Any]:
     dm = datamodules.create(to_dict(cfg.data))
     dm.prepare_data()
     dm.setup("predict")
-    method, method_record = build_method(cfg)
+    method, method_record, blackbox = build_method(cfg)
     out = ProtectedSet(cfg.generate.out_dir or Path(run.dir) / "protected", cfg.generate.shard_size)
     digest = out.bind(method_record)
 
@@ -80,5 +82,5 @@ def run(cfg: DictConfig, run: Run) -> dict[str, Any]:
     }
     run.add_results(**results)
     if cfg.eval.enabled:
-        results.update(evaluate_set(cfg, run, dm, out, method))
+        results.update(evaluate_set(cfg, run, dm, out, method, blackbox))
     return results
