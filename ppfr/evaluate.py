@@ -16,7 +16,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 
 from ppfr.generate import load_png
 from ppfr.recognizers import Recognizer
-from ppfr.verification import verify
+from ppfr.verification import embed_batch, verify
 
 MIN_PAIRS_PER_CLASS = 10  # below this, k-fold pair accuracy is not reported
 
@@ -35,13 +35,6 @@ def embed_sets(
 
     `flip` sums each embedding with that of the mirrored image, as the verification protocol
     does, so that thresholds calibrated there apply here."""
-
-    def embed(rec: Recognizer, images: torch.Tensor) -> torch.Tensor:
-        e = rec(images)
-        if flip:
-            e = F.normalize(e + rec(images.flip(-1)), dim=1)
-        return e.float().cpu()
-
     ssim, psnr = [], []
     clean = {r.name: [] for r in recognizers}
     prot = {r.name: [] for r in recognizers}
@@ -52,8 +45,8 @@ def embed_sets(
         ssim.append(structural_similarity_index_measure(xp, x, data_range=1.0, reduction="none"))
         psnr.append(peak_signal_noise_ratio(xp, x, data_range=1.0, reduction="none", dim=(1, 2, 3)))
         for rec in recognizers:
-            clean[rec.name].append(embed(rec, x))
-            prot[rec.name].append(embed(rec, xp))
+            clean[rec.name].append(embed_batch(rec, x, flip).float().cpu())
+            prot[rec.name].append(embed_batch(rec, xp, flip).float().cpu())
     image = {
         "ssim": torch.cat(ssim).mean().item(),
         "psnr": torch.cat(psnr).mean().item(),

@@ -147,6 +147,15 @@ class ProtectedSet:
             f.flush()
             os.fsync(f.fileno())
 
+    def manifest(self) -> list[dict[str, Any]]:
+        """The records of a finished set, in dataset order."""
+        path = self.dir / "manifest.jsonl"
+        if not path.exists():
+            raise DataError(
+                f"{self.dir}: no manifest.jsonl; is this a finished protected set? (rerun protect to resume it)"
+            )
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
     def write_manifest(self) -> list[dict[str, Any]]:
         records = sorted(self.records().values(), key=lambda r: r["index"])
         write_atomic(self.dir / "manifest.jsonl", "".join(json.dumps(r) + "\n" for r in records))

@@ -24,6 +24,14 @@ from ppfr.run import write_atomic
 FALLBACK_FOLDS = 10
 
 
+def embed_batch(recognizer: Recognizer, x: torch.Tensor, flip: bool) -> torch.Tensor:
+    """Embeddings of a batch; with `flip`, summed with those of the mirrored images and re-normalised."""
+    emb = recognizer(x)
+    if flip:
+        emb = torch.nn.functional.normalize(emb + recognizer(x.flip(-1)), dim=1)
+    return emb
+
+
 @torch.no_grad()
 def embed(
     recognizer: Recognizer,
@@ -35,10 +43,7 @@ def embed(
     recognizer = recognizer.to(device)
     rows: dict[int, torch.Tensor] = {}
     for batch in dataloader:
-        x = batch["image"].to(device, non_blocking=True)
-        emb = recognizer(x)
-        if flip:
-            emb = torch.nn.functional.normalize(emb + recognizer(x.flip(-1)), dim=1)
+        emb = embed_batch(recognizer, batch["image"].to(device, non_blocking=True), flip)
         for i, e in zip(batch["index"].tolist(), emb.cpu(), strict=True):
             rows[i] = e
     n = len(dataloader.dataset)

@@ -7,7 +7,6 @@ and pair-protocol accuracy with protected probes against a clean gallery and aga
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import torch
@@ -67,7 +66,7 @@ def evaluate_set(
     method: ProtectionMethod | None = None,
     blackbox: list[recognizers.Recognizer] | None = None,
 ) -> dict[str, Any]:
-    records = [json.loads(line) for line in (out.dir / "manifest.jsonl").read_text().splitlines()]
+    records = out.manifest()
     ids = dm.dataset.ids
     for rec in records:
         if rec["index"] >= len(ids) or ids[rec["index"]] != rec["id"]:
@@ -169,10 +168,7 @@ def run(cfg: DictConfig, run: Run) -> dict[str, Any]:
             "experiment=evaluate needs eval.set_dir=<folder of a protected set (holding manifest.jsonl)>"
         )
     out = ProtectedSet(cfg.eval.set_dir)
-    if not (out.dir / "manifest.jsonl").exists():
-        raise DataError(
-            f"{out.dir}: no manifest.jsonl; is this a finished protected set? (rerun protect to resume it)"
-        )
+    out.manifest()  # a clear error before the data is aligned
     dm = datamodules.create(to_dict(cfg.data))
     dm.prepare_data()
     dm.setup("predict")
