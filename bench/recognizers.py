@@ -1,75 +1,86 @@
-"""Throughput of the recognizer zoo: inference images/s and forward+backward time (input gradients).
+"""Speed of each recognizer per backend: image-steps/s of forward + input gradient.
 
-    python bench/recognizers.py --models-dir ../shared/models [--device cuda] [--names a b ...]
+    OMP_NUM_THREADS=1 python bench/recognizers.py [--models-dir ../shared/models] [--device cuda]
+        [--names a b ...] [--batch 16] [--compile] [--quick]
 
-Inputs are random 112x112 crops: speed does not depend on content. Forward+backward is what the
-protection method pays per step and surrogate: gradients w.r.t. the input only (weights frozen).
+One image-step is what the protection method pays per image, step and surrogate: the embedding
+of a batch and the gradient of a cosine loss with respect to the input crops (weights frozen).
+Columns: onnx2torch eager, native eager with contiguous (NCHW) weights, native eager as created
+(channels-last weights, the default), and with `--compile` native under torch.compile (its
+compile time printed apart). Inputs are random crops: speed does
+not depend on content.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
+import sys
 import time
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from ppfr import recognizers
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, timed  # noqa: E402
 
-
-def machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
-    return f"CPU {cpu} | GPU {gpu} | torch {torch.__version__} | threads {torch.get_num_threads()}"
+from ppfr import recognizers  # noqa: E402
+from ppfr.recognizers.onnx import load_catalog  # noqa: E402
 
 
-def timed(fn, device: torch.device, iterations: int) -> float:
-    """Mean seconds per call after one warm-up call."""
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(iterations):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / iterations
+def step_fn(rec: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor):
+    def step() -> None:
+        xg = x.clone().requires_grad_(True)
+        torch.autograd.grad(F.cosine_similarity(rec(xg), targets).sum(), xg)
+
+    return step
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models-dir", default="../shared/models")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument(
-        "--names", nargs="+", default=["all"], help="recognizer names (default: all ONNX models)"
-    )
-    parser.add_argument("--iterations", type=int, default=3)
-    args = parser.parse_args()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "models"))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--names", nargs="+", default=["all"], help="recognizer names (default: all ONNX models)")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls per variant (the fastest counts)")
+    ap.add_argument("--compile", action="store_true", help="also time native under torch.compile")
+    ap.add_argument("--quick", action="store_true", help="one timed call per variant")
+    args = ap.parse_args()
     device = torch.device(args.device)
+    repeats = 1 if args.quick else args.repeats
     print(machine(device))
-    names = "all" if args.names == ["all"] else args.names
-    print(f"{'recognizer':<26}{'img/s b32':>11}{'img/s b64':>11}{'fwd+bwd ms b32':>16}")
-    for rec in recognizers.create_many(names, args.models_dir):
-        rec.to(device)
-        speeds = []
-        for batch in (32, 64):
-            x = torch.rand(batch, 3, 112, 112, device=device)
-            with torch.no_grad():
-                speeds.append(batch / timed(lambda x=x, rec=rec: rec(x), device, args.iterations))
-        x = torch.rand(32, 3, 112, 112, device=device, requires_grad=True)
-
-        def step(x=x, rec=rec) -> None:
-            x.grad = None
-            rec(x).sum().backward()
-
-        ms = 1000 * timed(step, device, args.iterations)
-        print(f"{rec.name:<26}{speeds[0]:>11.1f}{speeds[1]:>11.1f}{ms:>16.1f}", flush=True)
-        rec.cpu()
+    print(f"batch {args.batch}, forward + input gradient, image-steps/s (fastest of {repeats})")
+    names = list(load_catalog(args.models_dir)) if args.names == ["all"] else args.names
+    head = f"{'recognizer':<26}{'onnx2torch':>11}{'native NCHW':>13}{'native CL':>11}"
+    print(
+        head + (f"{'compiled':>10}{'compile s':>11}" if args.compile else "") + f"{'native/onnx':>13}",
+        flush=True,
+    )
+    x = torch.rand(args.batch, 3, 112, 112, generator=torch.Generator().manual_seed(0)).to(device)
+    for name in names:
+        onnx_rec = recognizers.create(name, args.models_dir, backend="onnx").to(device)
+        native = recognizers.create(name, args.models_dir).to(device)
+        contiguous = recognizers.create(name, args.models_dir).to(device)
+        contiguous.network.to(memory_format=torch.contiguous_format)
+        with torch.no_grad():
+            targets = native(x.flip(-2))  # other faces: at cos = 1 the gradients vanish
+        fns = {
+            "onnx": step_fn(onnx_rec, x, targets),
+            "nchw": step_fn(contiguous, x, targets),
+            "native": step_fn(native, x, targets),
+        }
+        compile_s = None
+        if args.compile:
+            compiled = torch.compile(native)
+            start = time.perf_counter()
+            step_fn(compiled, x, targets)()
+            compile_s = time.perf_counter() - start
+            fns["compiled"] = step_fn(compiled, x, targets)
+        speed = {k: args.batch / v for k, v in timed(fns, device, repeats).items()}
+        line = f"{name:<26}{speed['onnx']:>11.1f}{speed['nchw']:>13.1f}{speed['native']:>11.1f}"
+        if compile_s is not None:
+            line += f"{speed['compiled']:>10.1f}{compile_s:>11.0f}"
+        print(line + f"{speed['native'] / speed['onnx']:>12.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Face datasets as Lightning DataModules, built by name from a config mapping.
 
-``create({"name": "lfw", "root": ..., ...})``: ``name`` picks the format, every other key is a
-constructor argument (the YAMLs in ``configs/data/`` list them all with their defaults).
+``create({"name": "lfw", "root": ..., ...})``: ``name`` picks the format in ``DATAMODULES``, every
+other key is a constructor argument (``configs/data/`` lists them all with their defaults).
+Importing the modules below registers them.
 """
 
 from __future__ import annotations
@@ -12,22 +13,8 @@ from typing import Any
 
 from ppfr.errors import ConfigError
 
-from .base import FaceDataModule, FaceDataset, Pair, Record
-from .bupt import BUPTDataModule
-from .celeba import CelebADataModule
-from .insightface_bin import BinDataModule
-from .lfw import LFWDataModule
-from .pairlist import AgeDBDataModule, CALFWDataModule, CPLFWDataModule
-
-REGISTRY: dict[str, type[FaceDataModule]] = {
-    "lfw": LFWDataModule,
-    "celeba": CelebADataModule,
-    "agedb": AgeDBDataModule,
-    "calfw": CALFWDataModule,
-    "cplfw": CPLFWDataModule,
-    "bin": BinDataModule,
-    "bupt": BUPTDataModule,
-}
+from . import bupt, celeba, insightface_bin, lfw, pairlist  # noqa: F401  (they register themselves)
+from .base import DATAMODULES, FaceDataModule, FaceDataset, Pair, Record
 
 
 def arguments(cls: type[FaceDataModule]) -> list[str]:
@@ -48,9 +35,7 @@ def create(cfg: Mapping[str, Any]) -> FaceDataModule:
     """Build the datamodule ``cfg["name"]`` with the remaining keys as arguments."""
     cfg = dict(cfg)
     name = cfg.pop("name", None)
-    if name not in REGISTRY:
-        raise ConfigError(f"data.name: {name!r} is not a known dataset; valid: {sorted(REGISTRY)}")
-    cls = REGISTRY[name]
+    cls = DATAMODULES.get(name)
     valid = arguments(cls)
     unknown = sorted(set(cfg) - set(valid))
     if unknown:
@@ -60,4 +45,4 @@ def create(cfg: Mapping[str, Any]) -> FaceDataModule:
     return cls(**cfg)
 
 
-__all__ = ["REGISTRY", "FaceDataModule", "FaceDataset", "Pair", "Record", "arguments", "create"]
+__all__ = ["DATAMODULES", "FaceDataModule", "FaceDataset", "Pair", "Record", "arguments", "create"]

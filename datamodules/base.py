@@ -7,7 +7,6 @@ report live here, so every format behaves the same.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -19,18 +18,19 @@ import cv2
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
-from ppfr.align import ON_NO_FACE, Aligner
+from ppfr.align import ON_NO_FACE, Aligner, progress_bar, unreadable
 from ppfr.errors import ConfigError, DataError
-
-log = logging.getLogger(__name__)
+from ppfr.registry import Registry
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 SUBSET_KEYS = ("identities", "pairs")
 AUGMENT_KEYS = ("hflip", "affine", "color_jitter")
 ALIGN_CHUNK = 256  # images aligned per call, so a large dataset never holds all crops in memory
 NO_IDENTITY = -1  # label of images whose identity the format does not say (insightface .bin)
+
+DATAMODULES: Registry[type[FaceDataModule]] = Registry("dataset", key="data.name")
 
 
 class Record(NamedTuple):
@@ -205,7 +205,7 @@ class FaceDataModule(L.LightningDataModule):
         self._index: tuple[list[Record], list[Pair]] | None = None
         self._aligned: list[dict[str, Any]] | None = None
         self._align_stats: dict[str, Any] = {}
-        self.dataset: FaceDataset | None = None
+        self._dataset: FaceDataset | None = None
 
     # -- what a format implements -------------------------------------------------------------
     def scan(self) -> tuple[list[Record], list[Pair]]:
@@ -274,29 +274,36 @@ class FaceDataModule(L.LightningDataModule):
         records, _ = self.index()
         start = time.perf_counter()
         out: list[dict[str, Any]] = [{"status": "prealigned", "hit": None}] * len(records)
-        files = []
+        files, errors = [], []
         for k, record in enumerate(records):
             if isinstance(record.source, bytes):
-                decode_bytes(record.source, f"{self.root}: image {record.id}")  # fail early on bad bytes
+                try:
+                    decode_bytes(record.source, f"image {record.id}")  # fail early on bad bytes
+                except DataError as err:
+                    errors.append(err)
             else:
                 files.append((k, record.source))
-        for begin in range(0, len(files), ALIGN_CHUNK):
-            chunk = files[begin : begin + ALIGN_CHUNK]
-            for (k, _), res in zip(chunk, self.aligner.align_many([p for _, p in chunk]), strict=True):
-                out[k] = {
-                    "status": "detected" if res.status == "detected" else "no_face",
-                    "hit": res.cache_hit,
-                    "file": res.cache_file,
-                    "crop": res.crop if res.cache_file is None else None,  # no cache: keep it in memory
-                }
-            if len(files) > ALIGN_CHUNK:
-                log.info("aligned %d/%d images of %s", begin + len(chunk), len(files), self.root)
+        with progress_bar(len(files), str(self.root)) as bar:
+            for begin in range(0, len(files), ALIGN_CHUNK):
+                chunk = files[begin : begin + ALIGN_CHUNK]
+                found = self.aligner.align_many([p for _, p in chunk], errors=errors, progress=bar)
+                for (k, _), res in zip(chunk, found, strict=True):
+                    if res is not None:
+                        out[k] = {
+                            "status": "detected" if res.status == "detected" else "no_face",
+                            "hit": res.cache_hit,
+                            "file": res.cache_file,
+                            "crop": res.crop if res.cache_file is None else None,  # no cache: keep in memory
+                        }
+        if errors:
+            raise unreadable(errors, self.root)
         seconds = time.perf_counter() - start
         self._align_stats = {
             "cache_hits": sum(o["hit"] is True for o in out),
             "cache_misses": sum(o["hit"] is False for o in out),
             "seconds": round(seconds, 3),
             "images_per_s": round(len(records) / seconds, 1) if seconds > 0 else None,
+            "torch_threads": torch.get_num_threads(),
         }
         self._aligned = out
         return out
@@ -304,7 +311,7 @@ class FaceDataModule(L.LightningDataModule):
     # -- setup ----------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         """Build dataset, pair tensors and report; aligns whatever prepare_data did not."""
-        if self.dataset is not None:
+        if self._dataset is not None:
             return
         all_records, all_pairs = self.index()
         aligned = self._align()
@@ -330,20 +337,19 @@ class FaceDataModule(L.LightningDataModule):
                 items.append(Item(record.id, label, data=record.source))
             else:
                 items.append(Item(record.id, label, file=a["file"], crop=a["crop"]))
-        self.dataset = FaceDataset(items)
-        self.train_dataset = FaceDataset(items, self.train_transform)
-        self.pairs = torch.tensor([[p.i, p.j] for p in pairs], dtype=torch.long).reshape(-1, 2)
-        self.issame = torch.tensor([p.issame for p in pairs], dtype=torch.bool)
-        self.folds = torch.tensor([p.fold for p in pairs], dtype=torch.long)
-        self.label_names = names
+        self._train_dataset = FaceDataset(items, self.train_transform)
+        self._pairs = torch.tensor([[p.i, p.j] for p in pairs], dtype=torch.long).reshape(-1, 2)
+        self._issame = torch.tensor([p.issame for p in pairs], dtype=torch.bool)
+        self._folds = torch.tensor([p.fold for p in pairs], dtype=torch.long)
+        self._label_names = names
         skipped = no_face if self.on_no_face == "skip" else []
-        self.report = {
+        self._report = {
             "dataset": self.dataset_name,
             "root": str(self.root),
             "images": len(items),
             "identities": len(names),
             "pairs": len(pairs),
-            "genuine_pairs": int(self.issame.sum()),
+            "genuine_pairs": int(self._issame.sum()),
             "detected": sum(a["status"] == "detected" for a in aligned),
             "prealigned": sum(a["status"] == "prealigned" for a in aligned),
             "no_face": len(no_face),
@@ -355,27 +361,81 @@ class FaceDataModule(L.LightningDataModule):
             "dropped_pairs": [[all_records[p.i].id, all_records[p.j].id] for p in dropped],
             **self._align_stats,
         }
+        self._dataset = FaceDataset(items)  # last: it marks setup as done
+
+    # -- what tasks read (each aligns and sets up on first use) ----------------------------------
+    @property
+    def dataset(self) -> FaceDataset:
+        """The aligned images, in a fixed order (the ids protected sets and reports are keyed by)."""
+        self.setup()
+        return self._dataset  # type: ignore[return-value]
+
+    @property
+    def train_dataset(self) -> FaceDataset:
+        """The same images with the training augmentation."""
+        self.setup()
+        return self._train_dataset
+
+    @property
+    def pairs(self) -> torch.Tensor:
+        """N x 2 dataset indices of the verification pairs."""
+        self.setup()
+        return self._pairs
+
+    @property
+    def issame(self) -> torch.Tensor:
+        self.setup()
+        return self._issame
+
+    @property
+    def folds(self) -> torch.Tensor:
+        self.setup()
+        return self._folds
+
+    @property
+    def label_names(self) -> list[str]:
+        """The identity of each label."""
+        self.setup()
+        return self._label_names
+
+    @property
+    def report(self) -> dict[str, Any]:
+        """Counts, no-face fallbacks, dropped pairs and alignment timing."""
+        self.setup()
+        return self._report
+
+    def pairs_within(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pairs, issame, folds) of the pairs whose two images are both in `indices`, re-indexed to
+        positions in `indices` (e.g. the rows of embeddings computed for those images)."""
+        row = {int(i): k for k, i in enumerate(indices)}
+        keep = [n for n, (i, j) in enumerate(self.pairs.tolist()) if i in row and j in row]
+        pairs = [[row[i], row[j]] for i, j in self.pairs[keep].tolist()]
+        return torch.tensor(pairs, dtype=torch.long).reshape(-1, 2), self.issame[keep], self.folds[keep]
 
     # -- loaders --------------------------------------------------------------------------------
-    def _loader(self, train: bool) -> DataLoader:
-        self.setup()
+    def _loader(self, dataset: Dataset, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
         return DataLoader(
-            self.train_dataset if train else self.dataset,
-            batch_size=self.batch_size,
-            shuffle=train,
+            dataset,
+            batch_size=batch_size or self.batch_size,
+            shuffle=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled, with the configured augmentation."""
-        return self._loader(train=True)
+        return self._loader(self.train_dataset, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(train=False)
+        return self._loader(self.dataset)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(train=False)
+        return self._loader(self.dataset)
 
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(train=False)
+    def predict_dataloader(
+        self, indices: Sequence[int] | None = None, batch_size: int | None = None
+    ) -> DataLoader:
+        """Batches (dicts of image, label, index, id; `index` is the dataset index) in dataset order,
+        over every image or only `indices`, of `batch_size` (default: data.batch_size)."""
+        dataset = self.dataset if indices is None else Subset(self.dataset, list(indices))
+        return self._loader(dataset, batch_size=batch_size)

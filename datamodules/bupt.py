@@ -12,9 +12,10 @@ from pathlib import Path
 
 from ppfr.errors import ConfigError, DataError
 
-from .base import FaceDataModule, Pair, Record, list_images
+from .base import DATAMODULES, FaceDataModule, Pair, Record, list_images
 
 
+@DATAMODULES.register("bupt")
 class BUPTDataModule(FaceDataModule):
     dataset_name = "bupt"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ppfr.errors import ConfigError, DataError
 
-from .base import FaceDataModule, Pair, Record, need_file
+from .base import DATAMODULES, FaceDataModule, Pair, Record, need_file
 from .lfw import parse_lfw_pairs
 
 SPLITS = {"train": "0", "val": "1", "test": "2"}
@@ -39,6 +39,7 @@ def read_two_columns(path: Path, what: str) -> dict[str, str]:
     return table
 
 
+@DATAMODULES.register("celeba")
 class CelebADataModule(FaceDataModule):
     """CelebA images with identity labels; ``split`` in train|val|test|all."""
 

@@ -16,11 +16,12 @@ import numpy as np
 
 from ppfr.errors import DataError
 
-from .base import FaceDataModule, Pair, Record
+from .base import DATAMODULES, FaceDataModule, Pair, Record
 
 N_FOLDS = 10
 
 
+@DATAMODULES.register("bin")
 class BinDataModule(FaceDataModule):
     dataset_name = "bin"
 

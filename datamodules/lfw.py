@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 from ppfr.errors import DataError
 
-from .base import FaceDataModule, Pair, Record, list_images, need_file
+from .base import DATAMODULES, FaceDataModule, Pair, Record, list_images, need_file
 
 NUMBERED = re.compile(r"^(?P<name>.+)_(?P<n>\d+)$")
 
@@ -64,6 +64,7 @@ def parse_lfw_pairs(path: Path) -> list[PairLine]:
     return out
 
 
+@DATAMODULES.register("lfw")
 class LFWDataModule(FaceDataModule):
     """LFW-style folders; identity = folder name; ``pairs_file`` (relative to root) or null."""
 

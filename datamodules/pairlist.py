@@ -24,7 +24,7 @@ import numpy as np
 
 from ppfr.errors import DataError
 
-from .base import IMAGE_SUFFIXES, FaceDataModule, Pair, Record, need_file
+from .base import DATAMODULES, IMAGE_SUFFIXES, FaceDataModule, Pair, Record, need_file
 
 TRAILING_NUMBER = re.compile(r"^(?P<name>.+?)_\d+$")
 
@@ -106,6 +106,7 @@ class LinePairsDataModule(PairListDataModule):
         ]
 
 
+@DATAMODULES.register("calfw")
 class CALFWDataModule(LinePairsDataModule):
     dataset_name = "calfw"
 
@@ -119,6 +120,7 @@ class CALFWDataModule(LinePairsDataModule):
         super().__init__(root, images_dir=images_dir, pairs_file=pairs_file, **kwargs)
 
 
+@DATAMODULES.register("cplfw")
 class CPLFWDataModule(LinePairsDataModule):
     dataset_name = "cplfw"
 
@@ -143,6 +145,7 @@ def _mat_string(cell, where: str) -> str:
     return value
 
 
+@DATAMODULES.register("agedb")
 class AgeDBDataModule(PairListDataModule):
     dataset_name = "agedb"
 

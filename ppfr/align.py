@@ -10,8 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
+import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,20 +18,15 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+from tqdm.auto import tqdm
 
 from ppfr.errors import ConfigError, DataError
+from ppfr.io import write_with
+from ppfr.template import ARCFACE_112, similarity_transform, template
 
-ARCFACE_112 = np.array(
-    [
-        [38.2946, 51.6963],
-        [73.5318, 51.5014],
-        [56.0252, 71.7366],
-        [41.5493, 92.3655],
-        [70.7299, 92.2041],
-    ],
-    dtype=np.float32,
-)
+__all__ = ["ARCFACE_112", "AlignResult", "Aligner", "read_image", "similarity_transform", "template"]
 
 # Bump when anything that changes the crops changes: the key then misses and old entries are ignored.
 ALIGNER_VERSION = "ppfr-align-2|mtcnn-facenet-2.5.3|nearest-centre|umeyama"
@@ -68,32 +62,6 @@ def decode_image(data: bytes, name: str | Path) -> np.ndarray:
         raise DataError(f"{name}: not a readable image (unknown or corrupt format)") from err
     except (OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{name}: cannot decode image, file truncated or corrupt ({err})") from err
-
-
-def template(size: int = 112) -> np.ndarray:
-    """The five-point template scaled to a size x size crop."""
-    return ARCFACE_112 * (size / 112.0)
-
-
-def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Least-squares similarity (rotation, uniform scale, shift) mapping src to dst: Umeyama (1991).
-
-    This is what insightface's ``face_align`` computes (via skimage); it uses all five points
-    rather than a robust subset, which keeps the template fit stable under expressions.
-    """
-    src = src.astype(np.float64)
-    dst = dst.astype(np.float64)
-    mu_s, mu_d = src.mean(0), dst.mean(0)
-    s0, d0 = src - mu_s, dst - mu_d
-    cov = d0.T @ s0 / len(src)
-    u, sig, vt = np.linalg.svd(cov)
-    d = np.ones(2)
-    if np.linalg.det(u) * np.linalg.det(vt) < 0:
-        d[1] = -1
-    rot = u @ np.diag(d) @ vt
-    scale = (sig * d).sum() / s0.var(0).sum()
-    shift = mu_d - scale * rot @ mu_s
-    return np.hstack([scale * rot, shift[:, None]]).astype(np.float32)
 
 
 def warp(image: np.ndarray, landmarks: np.ndarray, size: int = 112) -> np.ndarray:
@@ -186,18 +154,42 @@ class Aligner:
         """Align one image file (see ``align_many``)."""
         return self.align_many([path])[0]
 
-    def align_many(self, paths: Sequence[str | Path], batch_size: int = 16) -> list[AlignResult]:
-        """Align many files; cache misses of equal (detection) size go through MTCNN together."""
+    def align_many(
+        self,
+        paths: Sequence[str | Path],
+        batch_size: int = 16,
+        errors: list[DataError] | None = None,
+        progress: tqdm | None = None,
+    ) -> list[AlignResult | None]:
+        """Align many files; cache misses of equal (detection) size go through MTCNN together.
+
+        Unreadable files do not stop the others: they are collected and raised together at the
+        end as one DataError naming them, or, with ``errors`` given, appended there (their
+        result is None) so that a caller aligning in chunks can report them all at once.
+        ``progress`` (a tqdm bar) advances by one per image.
+        """
+        collect = errors if errors is not None else []
         results: list[AlignResult | None] = [None] * len(paths)
         misses: dict[tuple[int, ...], list[tuple[int, str, np.ndarray, float]]] = defaultdict(list)
         for i, path in enumerate(paths):
-            data = _read_bytes(Path(path))
+            try:
+                data = _read_bytes(Path(path))
+            except DataError as err:
+                collect.append(err)
+                _advance(progress)
+                continue
             key = self.cache_key(data)
             cached = self._load(key, path)
             if cached is not None:
                 results[i] = cached
+                _advance(progress)
                 continue
-            image, factor = shrink(decode_image(data, path))
+            try:
+                image, factor = shrink(decode_image(data, path))
+            except DataError as err:
+                collect.append(err)
+                _advance(progress)
+                continue
             misses[image.shape].append((i, key, image, factor))
         for group in misses.values():
             for start in range(0, len(group), batch_size):
@@ -210,7 +202,10 @@ class Aligner:
                         crop, landmarks = warp(image, points, self.size), points / factor
                     entry = self._store(key, crop, landmarks)
                     results[i] = self._outcome(crop, landmarks, paths[i], False, entry)
-        return results  # type: ignore[return-value]
+                _advance(progress, len(chunk))
+        if errors is None and collect:
+            raise unreadable(collect)
+        return results
 
     def cache_key(self, data: bytes) -> str:
         """SHA-256 of the file content plus everything that shapes the crop."""
@@ -278,7 +273,7 @@ class Aligner:
         return self._outcome(crop, landmarks, path, True, entry)
 
     def _store(self, key: str, crop: np.ndarray, landmarks: np.ndarray | None) -> Path | None:
-        """Write the PNG atomically: a temp file in the same folder, then os.replace."""
+        """Write the PNG atomically (ppfr.io), its landmarks in a text chunk."""
         entry = self._entry(key)
         if entry is None:
             return None
@@ -290,15 +285,44 @@ class Aligner:
         }
         info = PngImagePlugin.PngInfo()
         info.add_text("ppfr", json.dumps(meta))
-        fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=".tmp-", suffix=".png")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                Image.fromarray(crop).save(f, format="PNG", pnginfo=info)
-            os.replace(tmp, entry)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_with(entry, lambda f: Image.fromarray(crop).save(f, format="PNG", pnginfo=info))
         return entry
+
+
+MAX_NAMED = 10  # unreadable files named in one error message; the rest are counted
+
+
+def unreadable(errors: Sequence[DataError], where: str | Path | None = None) -> DataError:
+    """One DataError for several unreadable images: each named with its problem, up to MAX_NAMED."""
+    if len(errors) == 1 and where is None:
+        return errors[0]
+    shown = "; ".join(str(e) for e in errors[:MAX_NAMED])
+    more = f"; and {len(errors) - MAX_NAMED} more" if len(errors) > MAX_NAMED else ""
+    prefix = f"{where}: " if where is not None else ""
+    return DataError(f"{prefix}{len(errors)} unreadable image(s): {shown}{more}")
+
+
+def progress_bar(total: int, what: str) -> tqdm:
+    """A progress bar on stderr with rate and ETA for aligning `total` images, naming torch's thread count.
+
+    Shown also when stderr is not a terminal (a log file then gets a line every 30 s), since
+    aligning a large dataset takes minutes to hours.
+    """
+    tty = sys.stderr.isatty()
+    return tqdm(
+        total=total,
+        desc=f"aligning {what} (torch threads {torch.get_num_threads()})",
+        unit="img",
+        file=sys.stderr,
+        mininterval=0.5 if tty else 30.0,
+        dynamic_ncols=tty,
+        disable=total == 0,
+    )
+
+
+def _advance(progress: tqdm | None, n: int = 1) -> None:
+    if progress is not None:
+        progress.update(n)
 
 
 def _read_bytes(path: Path) -> bytes:

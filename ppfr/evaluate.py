@@ -1,52 +1,78 @@
 """How well a protected set protects: image similarity to the original and black-box recognition.
 
-Streams over the set in batches (memory does not grow with its size) and keeps only embeddings.
+`evaluate_set` measures a written set (experiment=evaluate, and the last step of
+experiment=protect): SSIM/PSNR of X' against X; for every black-box recognizer (never in the
+ensemble) the share of faces it still matches at its calibrated thresholds (best accuracy, and
+FAR 1e-3 as a second column), impostor FAR with protected vs clean probes, and pair-protocol
+accuracy with protected probes against a clean gallery and against each other. It streams over
+the set in batches (memory does not grow with its size) and keeps only embeddings.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import glob
+import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from ppfr.generate import load_png
+from ppfr import recognizers
+from ppfr.devices import device as device_of
+from ppfr.errors import ConfigError, DataError
+from ppfr.generate import ProtectedSet, safe_name
+from ppfr.io import load_png
 from ppfr.recognizers import Recognizer
-from ppfr.verification import embed_batch, verify
+from ppfr.run import Run, format_table
+from ppfr.verification import (
+    best_threshold,
+    describe,
+    describe_data,
+    embed_batch,
+    find_calibration,
+    measured_on,
+    tar_at_far,
+    verify,
+)
 
 MIN_PAIRS_PER_CLASS = 10  # below this, k-fold pair accuracy is not reported
+FAR = "1e-3"  # the fixed false accept rate of the second match column
+THRESHOLD_SOURCES = ("file", "nearest", "in_run", "auto")
+FIRST_STAGES = ("F", "C")  # grid columns after the original; other stored stages follow by name
 
 
 @torch.no_grad()
 def embed_sets(
-    dataset: Dataset,
+    dm,
     records: Sequence[dict[str, Any]],
     root: Path,
     recognizers: Sequence[Recognizer],
     batch_size: int = 64,
     device: str | torch.device = "cpu",
-    flip: bool = False,
+    flip: bool | Mapping[str, bool] = False,
 ) -> tuple[dict[str, float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """SSIM/PSNR of X' against X, and clean/protected embeddings per recognizer (rows follow `records`).
 
-    `flip` sums each embedding with that of the mirrored image, as the verification protocol
-    does, so that thresholds calibrated there apply here."""
+    `flip` (one setting, or one per recognizer name) sums each embedding with that of the
+    mirrored image, as the verification protocol does, so that its thresholds apply here."""
+    flips = flip if isinstance(flip, Mapping) else {r.name: bool(flip) for r in recognizers}
+    path_of = {r["index"]: root / r["path"] for r in records}
     ssim, psnr = [], []
-    clean = {r.name: [] for r in recognizers}
-    prot = {r.name: [] for r in recognizers}
-    for start in range(0, len(records), batch_size):
-        chunk = records[start : start + batch_size]
-        x = torch.stack([dataset[r["index"]]["image"] for r in chunk]).to(device)
-        xp = torch.stack([load_png(root / r["path"]) for r in chunk]).to(device)
-        ssim.append(structural_similarity_index_measure(xp, x, data_range=1.0, reduction="none"))
-        psnr.append(peak_signal_noise_ratio(xp, x, data_range=1.0, reduction="none", dim=(1, 2, 3)))
+    clean: dict[str, list[torch.Tensor]] = {r.name: [] for r in recognizers}
+    prot: dict[str, list[torch.Tensor]] = {r.name: [] for r in recognizers}
+    for batch in dm.predict_dataloader(indices=[r["index"] for r in records], batch_size=batch_size):
+        x = batch["image"].to(device)
+        xp = torch.stack([load_png(path_of[i]) for i in batch["index"].tolist()]).to(device)
+        ssim.append(structural_similarity_index_measure(xp, x, data_range=1.0, reduction="none").cpu())
+        psnr.append(peak_signal_noise_ratio(xp, x, data_range=1.0, reduction="none", dim=(1, 2, 3)).cpu())
         for rec in recognizers:
-            clean[rec.name].append(embed_batch(rec, x, flip).float().cpu())
-            prot[rec.name].append(embed_batch(rec, xp, flip).float().cpu())
+            clean[rec.name].append(embed_batch(rec, x, flips[rec.name]).float().cpu())
+            prot[rec.name].append(embed_batch(rec, xp, flips[rec.name]).float().cpu())
     image = {
         "ssim": torch.cat(ssim).mean().item(),
         "psnr": torch.cat(psnr).mean().item(),
@@ -76,12 +102,14 @@ def blackbox_metrics(
     pairs: torch.Tensor | None = None,
     issame: torch.Tensor | None = None,
     folds: torch.Tensor | None = None,
+    threshold_far: float | None = None,
 ) -> dict[str, float]:
     """One black-box recognizer's view of a protected set (rows of `clean`/`protected` align).
 
     `pairs` index those rows. `match` is the share of faces with cos(f(X), f(X')) above the
-    recognizer's calibrated threshold; the FARs compare protected and clean probes against clean
-    images of other identities at that same threshold.
+    recognizer's calibrated best-accuracy threshold, `match_far` above its fixed-FAR threshold;
+    the FARs compare protected and clean probes against clean images of other identities at the
+    best-accuracy threshold.
     """
     cos = F.cosine_similarity(clean, protected, dim=1)
     out = {
@@ -91,6 +119,9 @@ def blackbox_metrics(
         "far_protected": _cross_identity_far(protected, clean, labels, threshold),
         "far_clean": _cross_identity_far(clean, clean, labels, threshold),
     }
+    if threshold_far is not None:
+        out["match_far"] = float((cos > threshold_far).float().mean())
+        out["threshold_far"] = threshold_far
     if pairs is not None and min(int(issame.sum()), int((~issame).sum())) >= MIN_PAIRS_PER_CLASS:
         i, j = pairs[:, 0], pairs[:, 1]
         for name, a, b in (
@@ -101,3 +132,206 @@ def blackbox_metrics(
             scores = F.cosine_similarity(a[i], b[j], dim=1)
             out[f"pair_acc_{name}"] = verify(scores, issame, folds)["accuracy"]
     return out
+
+
+# -- evaluation of a set --------------------------------------------------------------------------
+def evaluate_set(
+    cfg: DictConfig,
+    run: Run,
+    dm,
+    protected_set: ProtectedSet,
+    blackbox: list[Recognizer] | None = None,
+) -> dict[str, Any]:
+    """Measure the finished set `protected_set` of the data `dm` (see the module docstring).
+
+    Never runs the protection method: the grid shows the PNGs stored with the set."""
+    source = cfg.eval.threshold_source
+    if source not in THRESHOLD_SOURCES:
+        raise ConfigError(f"eval.threshold_source={source!r}: one of {', '.join(THRESHOLD_SOURCES)}")
+    records = protected_set.manifest()
+    check_records(cfg, dm, protected_set, records)
+    device = device_of(cfg)
+    if blackbox is None:
+        weights = OmegaConf.to_container(cfg.recognizer.weights, resolve=True)
+        blackbox = recognizers.create_many(list(cfg.eval.blackbox), cfg.recognizer.models_dir, weights)
+    blackbox = [r.to(device) for r in blackbox]
+
+    entries = {rec.name: calibration(cfg, rec) for rec in blackbox}
+    flips = {
+        name: entry["measured_on"]["flip"] if entry else bool(cfg.recognizer.flip)
+        for name, entry in entries.items()
+    }
+    image, clean, prot = embed_sets(
+        dm, records, protected_set.dir, blackbox, cfg.eval.batch_size, device, flip=flips
+    )
+    pairs, issame, folds = dm.pairs_within([r["index"] for r in records])
+    labels = torch.tensor([r["label"] for r in records])
+
+    per_model: dict[str, dict[str, Any]] = {}
+    for rec in blackbox:
+        entry = entries[rec.name]
+        if entry is not None:
+            threshold, threshold_far = entry["threshold"], entry[f"threshold_far_{FAR}"]
+            where = "file" + (f" (nearest: {'; '.join(entry['differs'])})" if entry["differs"] else "")
+        else:
+            threshold, threshold_far, where = in_run_thresholds(
+                cfg, rec.name, clean[rec.name], labels, pairs, issame
+            )
+        per_model[rec.name] = {
+            **blackbox_metrics(
+                clean[rec.name], prot[rec.name], labels, threshold, pairs, issame, folds, threshold_far
+            ),
+            "threshold_source": where,
+            "flip": flips[rec.name],
+        }
+    matches = [m["match"] for m in per_model.values()]
+    summary = {
+        **image,
+        "blackbox_match_mean": sum(matches) / len(matches),
+        "blackbox_match_min": min(matches),
+        f"blackbox_match_far_{FAR}_mean": sum(m["match_far"] for m in per_model.values()) / len(matches),
+        "n_pairs": len(pairs),
+    }
+    columns, rows = metrics_table(per_model)
+    print(f"SSIM(X', X) {image['ssim']:.4f}  PSNR {image['psnr']:.2f} dB  over {image['n_images']} images")
+    print(format_table(columns, rows))
+    for name, m in per_model.items():
+        if m["threshold_source"] != "file":
+            print(f"  {name}: threshold from {m['threshold_source']}")
+    run.log_table("eval/blackbox", columns, rows)
+    run.log_metrics({f"eval/{k}": v for k, v in summary.items()})
+    run.log_metrics(
+        {f"eval/{name}/{k}": v for name, m in per_model.items() for k, v in m.items() if isinstance(v, float)}
+    )
+    log_grid(run, dm, protected_set, records[: cfg.eval.grid])
+    return {"eval": {"summary": summary, "blackbox": per_model}}
+
+
+def metrics_table(per_model: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """The black-box table: one row per recognizer; `nan` where too few pairs for pair accuracy."""
+    columns = ["recognizer", "match", f"match@FAR{FAR}", "cos", "thr", f"thr@FAR{FAR}", "FAR prot",
+               "FAR clean", "acc clean", "acc X'|X", "acc X'|X'"]  # fmt: skip
+    nan = float("nan")
+    rows = [
+        [name, m["match"], m.get("match_far", nan), m["cos_mean"], m["threshold"], m.get("threshold_far", nan),
+         m["far_protected"], m["far_clean"], m.get("pair_acc_clean", nan),
+         m.get("pair_acc_protected_vs_clean", nan), m.get("pair_acc_protected", nan)]
+        for name, m in per_model.items()
+    ]  # fmt: skip
+    return columns, rows
+
+
+def calibration(cfg: DictConfig, rec: Recognizer) -> dict[str, Any] | None:
+    """The calibration entry for `rec` on this data, or None when thresholds come from this run.
+
+    file: the exact entry or an error; nearest: else the nearest entry, with a warning;
+    auto: the exact entry, else this run's clean pairs (printed with what the file differs in)."""
+    source = cfg.eval.threshold_source
+    if source == "in_run":
+        return None
+    try:
+        return find_calibration(cfg.calibration_file, measured_on(cfg, rec), fallback=source == "nearest")
+    except ConfigError as err:
+        if source != "auto":
+            raise
+        print(
+            f"  {rec.name}: no calibrated threshold for this data ({err}); calibrating on this run's clean pairs"
+        )
+        return None
+
+
+def _label_pairs(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every same-identity pair, and as many different-identity pairs (in a fixed order)."""
+    i, j = torch.triu_indices(len(labels), len(labels), offset=1)
+    same = labels[i] == labels[j]
+    genuine, impostor = torch.nonzero(same).flatten(), torch.nonzero(~same).flatten()
+    impostor = impostor[torch.linspace(0, len(impostor) - 1, min(len(genuine), len(impostor))).long()]
+    keep = torch.cat([genuine, impostor])
+    return torch.stack([i[keep], j[keep]], dim=1), same[keep]
+
+
+def in_run_thresholds(
+    cfg: DictConfig, name: str, clean: torch.Tensor, labels: torch.Tensor, pairs, issame
+) -> tuple[float, float, str]:
+    """Best-accuracy and fixed-FAR thresholds from clean pairs of this data (or same/different labels)."""
+    where = "clean pairs of this run"
+    if not (issame.any() and (~issame).any()):  # e.g. a subset of identities: pairs from the labels
+        pairs, issame = _label_pairs(labels)
+        where = "clean same/different-identity pairs of this run"
+    if not (issame.any() and (~issame).any()):
+        raise ConfigError(
+            f"no calibrated threshold for {name} on {cfg.data.name} in {cfg.calibration_file}, "
+            "and too few identities here to calibrate one: run experiment=verify first"
+        )
+    scores = F.cosine_similarity(clean[pairs[:, 0]], clean[pairs[:, 1]], dim=1)
+    return best_threshold(scores, issame)[0], tar_at_far(scores, issame, float(FAR))[1], where
+
+
+# -- the set and the data -------------------------------------------------------------------------
+def check_records(
+    cfg: DictConfig, dm, protected_set: ProtectedSet, records: Sequence[dict[str, Any]]
+) -> None:
+    """Every image of the set is the same item of this run's data; else say which data made the set."""
+    ids = dm.dataset.ids
+    wrong = [r for r in records if r["index"] >= len(ids) or ids[r["index"]] != r["id"]]
+    if not wrong:
+        return
+    first = wrong[0]
+    here = (
+        f"is {ids[first['index']]!r}" if first["index"] < len(ids) else f"does not exist ({len(ids)} images)"
+    )
+    made_from, where = set_data(protected_set.dir)
+    this_run = describe(describe_data(cfg.data))
+    if made_from is None:
+        origin = f"the set does not record its data; this run uses {this_run}"
+    else:
+        origin = f"the set was made from {made_from} ({where}), this run uses {this_run}"
+    raise DataError(
+        f"{protected_set.dir / 'manifest.jsonl'}: the set was made from other data or another subset than "
+        f"this run: {len(wrong)} of {len(records)} images differ (its image {first['id']!r} is item "
+        f"{first['index']}, which here {here}); {origin}. Evaluate with the data config of the run that made it"
+    )
+
+
+def set_data(set_dir: Path) -> tuple[str | None, str]:
+    """The data a set was made from, as its folder records it: meta.json `data`, else its run's config.yaml."""
+    for path in (set_dir / "meta.json", set_dir.parent / "config.yaml"):
+        try:
+            text = path.read_text()
+            node = (json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)).get("data")
+        except (OSError, ValueError, AttributeError, yaml.YAMLError):
+            continue
+        if isinstance(node, Mapping) and node.get("name") and node.get("root"):
+            return describe(describe_data(node)), str(path)
+    return None, ""
+
+
+def log_grid(
+    run: Run, dm, protected_set: ProtectedSet, records: Sequence[dict[str, Any]], key: str = "eval/grid"
+) -> None:
+    """original | F | C | (other stored stages) | protected for the first records, from stored PNGs.
+
+    The stages were written during generation as `<set_dir>/grid/<safe_name>.<stage>.png`; the
+    protected column is the set's own PNG. Without stored stages: original | protected."""
+    if not records:
+        return
+    grid = protected_set.dir / "grid"
+    stored: list[dict[str, Path]] = []
+    for r in records:
+        safe = safe_name(r["id"])
+        files = {p.name[len(safe) + 1 : -len(".png")]: p for p in grid.glob(f"{glob.escape(safe)}.*.png")}
+        stored.append(
+            {s: p for s, p in files.items() if s and "." not in s and s not in ("original", "protected")}
+        )
+    found = set().union(*stored)
+    stages = [s for s in FIRST_STAGES if s in found] + sorted(found - set(FIRST_STAGES))
+    images, captions = [], []
+    for r, files in zip(records, stored, strict=True):
+        original = dm.dataset[r["index"]]["image"]
+        columns = {"original": original}
+        for s in stages:  # a face without some stage gets a grey tile there
+            columns[s] = load_png(files[s]) if s in files else torch.full_like(original, 0.5)
+        columns["protected"] = load_png(protected_set.dir / r["path"])
+        images += list(columns.values())
+        captions += [f"{r['id']}: {s}" for s in columns]
+    run.log_images(key, images, captions, nrow=len(stages) + 2)

@@ -1,14 +1,16 @@
 """Generating protected sets: a LightningModule for `Trainer.predict` and a writer that makes runs resumable.
 
 Layout of a protected set (`out_dir`):
-    meta.json                       method config and its hash; a set never mixes two configs
+    meta.json                       what determines its images (method config, seed policy, data ids,
+                                    ensemble sha256) and their hash; a set never mixes two of them
     shards/NNNN/<id>.png            lossless PNG, no metadata, shard = dataset index // shard_size
+    grid/<id>.<stage>.png           intermediate stages (LFSA: F, C) of the first `eval.grid` images
     parts/<attempt>-rank<r>.jsonl   one line per finished image, appended after its PNG is in place
     manifest.jsonl                  the merged, sorted manifest, written when a run completes
 
-An image is finished when its manifest line exists (the PNG is renamed into place before the
-line is appended), so a run killed at any moment resumes by skipping finished ids and redoing
-the rest, without duplicates or losses.
+An image is finished when its manifest line exists (the PNG is fsynced and renamed into place
+before the line is appended), so a run killed at any moment resumes by skipping finished ids and
+redoing the rest, without duplicates or losses.
 """
 
 from __future__ import annotations
@@ -18,25 +20,77 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
-from PIL import Image
+import torch.distributed as dist
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, TQDMProgressBar
+from omegaconf import DictConfig
 
+from ppfr.config import to_dict
 from ppfr.errors import DataError
+from ppfr.io import fsync_dir, save_png, write_atomic
+from ppfr.io import load_png as load_png  # re-exported: ppfr/evaluate.py and ppfr/tasks/evaluate.py
 from ppfr.protect.base import ProtectionMethod
-from ppfr.run import is_main_process, write_atomic
+from ppfr.recognizers.base import Recognizer
+from ppfr.run import Run, is_main_process
 
 SEED_MASK = (1 << 63) - 1
 
+# What determines a set's images, as meta.json names it, and how errors name it to users.
+IDENTITY = {
+    "method": "method config (protect.*)",
+    "seed": "seed policy (seed)",
+    "data_ids": "data ids (data.root, data.subset.*, data.on_no_face)",
+    "models": "ensemble models (sha256 of protect.ensemble)",
+}
 
-def config_hash(cfg: dict[str, Any]) -> str:
+
+def build_method(
+    cfg: DictConfig,
+    ensemble: Sequence[Recognizer] | None = None,
+    monitors: Sequence[Recognizer] = (),
+) -> tuple[ProtectionMethod, dict[str, Any], dict[str, str | None], list[Recognizer]]:
+    """The method of `cfg.protect`, the config that made it, its surrogates' sha256 by name, and the
+    black boxes of `eval.blackbox` (checked independent of the surrogates).
+
+    `ensemble` replaces `protect.ensemble` (experiment=transfer); `monitors` are recognizers whose cos
+    the method logs every `transfer.monitor_every` steps, never using their gradients. The margin
+    booster gets the surrogates' calibrated thresholds from the calibration file."""
+    from ppfr import protect, recognizers  # the method and zoo packages import torch models: lazily
+    from ppfr.verification import load_threshold
+
+    method_cfg = to_dict(cfg.protect)
+    rec = cfg.recognizer
+    weights = to_dict(rec.weights)
+    if ensemble is None:
+        ensemble = recognizers.create_many(method_cfg.get("ensemble") or [], rec.models_dir, weights)
+    elif ensemble:
+        method_cfg["ensemble"] = [r.name for r in ensemble]
+    blackbox = recognizers.create_many(list(cfg.eval.blackbox), rec.models_dir, weights)
+    recognizers.check_disjoint(ensemble, [*blackbox, *monitors])
+    if ((method_cfg.get("boosters") or {}).get("margin") or {}).get("enabled"):
+        method_cfg["thresholds"] = [load_threshold(cfg, r) for r in ensemble]
+    extra: dict[str, Any] = {}
+    if monitors:
+        extra = {"monitors": list(monitors), "monitor_every": cfg.get("transfer", {}).get("monitor_every", 5)}
+    method = protect.create({**method_cfg, **extra}, ensemble)
+    models = {r.name: getattr(r, "sha256", None) for r in ensemble}
+    return method, method_cfg, models, blackbox
+
+
+def config_hash(cfg: Any) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def ids_hash(ids: Sequence[str]) -> str:
+    """The ordered image ids of a dataset or subset, as one digest."""
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
 
 
 def item_seeds(ids: Sequence[str], seed: int | None) -> torch.Tensor:
@@ -59,43 +113,58 @@ def safe_name(item_id: str) -> str:
 
 class ProtectModule(L.LightningModule):
     """Runs a protection method in `predict_step`; its optimisation needs gradients, so it runs under
-    `torch.enable_grad()` (build the Trainer with `inference_mode=False`)."""
+    `torch.enable_grad()` (build the Trainer with `inference_mode=False`).
 
-    def __init__(self, method: ProtectionMethod, seed: int | None = None) -> None:
+    For the ids in `grid_ids` it also returns the method's intermediate stages, so the evaluation
+    grid shows them without running the method again. It sums the method's per-step curve
+    (`last_history`, e.g. LFSA's loss, cos and entropy) over the images it protects.
+    """
+
+    def __init__(
+        self, method: ProtectionMethod, seed: int | None = None, grid_ids: Iterable[str] = ()
+    ) -> None:
         super().__init__()
         self.method = method
         self.seed = seed
+        self.grid_ids = frozenset(grid_ids)
+        self.curve_keys: list[str] = []
+        self.curve_sum: list[list[float]] = []  # per step, per key: sum over images of the batch means
+        self.curve_images = 0
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        seeds = item_seeds(batch["id"], self.seed)
-        x = batch["image"]
+        ids = list(batch["id"])
+        x = batch["image"].detach().clone()
+        seeds = item_seeds(ids, self.seed).to(x.device)
+        grid = [k for k, item_id in enumerate(ids) if item_id in self.grid_ids]
         with torch.enable_grad():
-            out = self.method(x.detach().clone(), seeds.to(x.device))
+            if grid:
+                stages = dict(self.method.stages(x, seeds))
+                out = stages.pop("protected") if "protected" in stages else self.method(x, seeds)
+                stages.pop("original", None)
+            else:
+                out, stages = self.method(x, seeds), {}
+        self._add_curve(getattr(self.method, "last_history", None), len(ids))
         return {
-            "id": list(batch["id"]),
+            "id": ids,
             "index": batch["index"].tolist(),
             "label": batch["label"].tolist(),
             "seed": seeds.tolist(),
             "image": out.detach().clamp(0, 1).cpu(),
+            "stages": {ids[k]: {name: im[k].detach().cpu() for name, im in stages.items()} for k in grid},
         }
 
-
-def save_png(image: torch.Tensor, path: Path) -> None:
-    """A lossless 8-bit PNG with no metadata, renamed into place atomically."""
-    array = image.float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    Image.fromarray(array, mode="RGB").save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
-def load_png(path: Path) -> torch.Tensor:
-    try:
-        with Image.open(path) as im:
-            array = np.asarray(im.convert("RGB"))
-    except OSError as e:
-        raise DataError(f"{path}: cannot read protected image ({e})") from e
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(255)
+    def _add_curve(self, history: Mapping[str, Sequence[float]] | None, n: int) -> None:
+        if not history or not all(history.values()):
+            return
+        keys, rows = list(history), list(zip(*history.values(), strict=True))
+        if not self.curve_sum:
+            self.curve_keys, self.curve_sum = keys, [[0.0] * len(keys) for _ in rows]
+        if keys != self.curve_keys or len(rows) != len(self.curve_sum):
+            return  # a method whose curve changes shape between batches: nothing to average
+        for total, row in zip(self.curve_sum, rows, strict=True):
+            for j, value in enumerate(row):
+                total[j] += value * n
+        self.curve_images += n
 
 
 class ProtectedSet:
@@ -108,23 +177,65 @@ class ProtectedSet:
     def path_for(self, index: int, item_id: str) -> Path:
         return self.dir / "shards" / f"{index // self.shard_size:04d}" / f"{safe_name(item_id)}.png"
 
-    def bind(self, method_cfg: dict[str, Any]) -> str:
-        """Record the method config; refuse to add to a set written with another config."""
-        digest = config_hash(method_cfg)
+    def grid_path(self, item_id: str, stage: str) -> Path:
+        return self.dir / "grid" / f"{safe_name(item_id)}.{stage}.png"
+
+    def meta(self) -> dict[str, Any]:
+        path = self.dir / "meta.json"
+        if not path.exists():
+            raise DataError(f"{self.dir}: no meta.json; is this a protected set?")
+        return json.loads(path.read_text())
+
+    def bind(
+        self,
+        method: dict[str, Any],
+        seed: int | None,
+        ids: Sequence[str],
+        models: Mapping[str, str | None],
+        data: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Record what determines the images; refuse to add to a set written with anything else.
+
+        `models`: ensemble name -> sha256 of its weights; `data`: the data config, for messages."""
+        identity = {"method": method, "seed": seed, "data_ids": ids_hash(ids), "models": dict(models)}
+        digest = config_hash(identity)
         meta = self.dir / "meta.json"
         if meta.exists():
             old = json.loads(meta.read_text())
-            if old["config_hash"] != digest:
-                raise DataError(
-                    f"{meta}: this protected set was written with method config {old['config_hash']}, "
-                    f"not {digest}; use a new output folder (generate.out_dir) for a different config"
-                )
-        else:
-            write_atomic(meta, json.dumps({"config_hash": digest, "method": method_cfg}, indent=2) + "\n")
-        if is_main_process():  # half-written images of a killed run; their items are redone
-            for tmp in (self.dir / "shards").glob("*/.*.tmp"):
+            if old.get("config_hash") != digest:
+                raise DataError(f"{meta}: {self._mismatch(old, identity, len(ids))}")
+        elif is_main_process():
+            record = {"config_hash": digest, **identity, "n_images": len(ids), "data": dict(data or {})}
+            write_atomic(meta, json.dumps(record, indent=2, default=str) + "\n")
+        if is_main_process():  # half-written files of a killed run; their items are redone
+            for tmp in [*self.dir.glob("shards/*/.*.tmp"), *self.dir.glob("grid/.*.tmp")]:
                 tmp.unlink(missing_ok=True)
         return digest
+
+    @staticmethod
+    def _mismatch(old: Mapping[str, Any], new: Mapping[str, Any], n_images: int) -> str:
+        """Which part of what determines the images differs, and what to do."""
+        differs = []
+        for part, what in IDENTITY.items():
+            if part not in old:
+                differs.append(f"{what}: not recorded by the set (written by an older ppfr)")
+            elif old[part] != new[part]:
+                if part == "method":
+                    detail = _changed_keys(old[part], new[part], "protect")
+                elif part == "data_ids":
+                    detail = (
+                        f"the set holds {old.get('n_images', '?')} images, this run {n_images} (other ids)"
+                    )
+                elif part == "seed":
+                    detail = f"the set has {_seed(old[part])}, this run {_seed(new[part])}"
+                else:
+                    detail = f"the set has {old[part]!r}, this run {new[part]!r}"
+                differs.append(f"{what}: {detail}")
+        return (
+            "this protected set was written with a different " + "; ".join(differs) + ". A set holds the "
+            "images of one configuration: rerun with the settings it was written with to resume it, or "
+            "write a new set (another run_dir= or generate.out_dir=)"
+        )
 
     def records(self) -> dict[str, dict[str, Any]]:
         """Finished images by id. A torn last line (a kill mid-append) is not finished: it is redone."""
@@ -162,8 +273,30 @@ class ProtectedSet:
         return records
 
 
+def _seed(seed: int | None) -> str:
+    return "null (fresh OS entropy)" if seed is None else str(seed)
+
+
+def _changed_keys(old: Any, new: Any, prefix: str) -> str:
+    """`protect.alpha: 1.0 in the set, 0.5 here` for the first few keys whose values differ."""
+
+    def flat(node: Any, key: str) -> dict[str, Any]:
+        if isinstance(node, Mapping):
+            return {k: v for name, sub in node.items() for k, v in flat(sub, f"{key}.{name}").items()}
+        return {key: node}
+
+    a, b = flat(old, prefix), flat(new, prefix)
+    changed = [
+        f"{k}: {a.get(k, '(absent)')!r} in the set, {b.get(k, '(absent)')!r} here"
+        for k in sorted(a.keys() | b.keys())
+        if a.get(k) != b.get(k)
+    ]
+    return ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+
+
 class ProtectedSetWriter(BasePredictionWriter):
-    """Writes each predicted batch as PNGs, then appends its manifest lines (per rank, per attempt)."""
+    """Writes each predicted batch as PNGs (and the grid stages), then appends its manifest lines
+    (per rank, per attempt)."""
 
     def __init__(self, protected: ProtectedSet, config_digest: str) -> None:
         super().__init__(write_interval="batch")
@@ -171,14 +304,24 @@ class ProtectedSetWriter(BasePredictionWriter):
         self.digest = config_digest
         self.attempt = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Every rank writes where global rank 0 does: ranks started by torchrun or SLURM each guessed
+        their own run directory (the process group exists from here on)."""
+        super().setup(trainer, pl_module, stage)
+        self.protected.dir = Path(trainer.strategy.broadcast(str(self.protected.dir), src=0))
+        self.attempt = trainer.strategy.broadcast(self.attempt, src=0)
+
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
     ):
-        records = []
+        records, folders = [], set()
         for k, item_id in enumerate(prediction["id"]):
+            for stage, image in prediction["stages"].get(item_id, {}).items():
+                save_png(image, self.protected.grid_path(item_id, stage))
             index = prediction["index"][k]
             path = self.protected.path_for(index, item_id)
             save_png(prediction["image"][k], path)
+            folders.add(path.parent)
             records.append(
                 {
                     "id": item_id,
@@ -189,20 +332,154 @@ class ProtectedSetWriter(BasePredictionWriter):
                     "config_hash": self.digest,
                 }
             )
+        for folder in folders:  # the renames are durable before the lines that say they happened
+            fsync_dir(folder)
         part = self.protected.dir / "parts" / f"{self.attempt}-rank{trainer.global_rank}.jsonl"
         self.protected.append(part, records)
 
 
-class ImagesPerSecond(TQDMProgressBar):
-    """The predict progress bar, with images/s."""
+class ConvergenceLog(Callback):
+    """The method's per-step curve averaged over every image this run protected, on all ranks.
+
+    After prediction every rank holds it as `keys` and `rows` ([step, mean of each key]); with a
+    `run`, rank 0 also writes `<run_dir>/<key>.csv`, a W&B table, and `<key>/<name>` metrics by step."""
+
+    def __init__(self, run: Run | None = None, key: str = "convergence") -> None:
+        self.run, self.key = run, key
+        self.keys: list[str] = []
+        self.rows: list[list[float]] = []
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        assert isinstance(pl_module, ProtectModule)
+        local = (pl_module.curve_keys, pl_module.curve_sum, pl_module.curve_images)
+        parts: list[Any] = [local]
+        if dist.is_available() and dist.is_initialized():  # every rank protected its share of the images
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, local)
+        self.rows = mean_curve(parts)
+        self.keys = next((keys for keys, _, n in parts if n), [])
+        if self.run is None or not trainer.is_global_zero or not self.rows:
+            return
+        self.run.log_table(self.key, ["step", *self.keys], self.rows)
+        for row in self.rows:
+            self.run.log_metrics(
+                {f"{self.key}/{k}": v for k, v in zip(self.keys, row[1:], strict=True)}, step=row[0]
+            )
+
+
+@dataclass
+class Generation:
+    """What `generate` did. `records` (in the order asked for) exist on global rank 0 only."""
+
+    records: list[dict[str, Any]] | None
+    generated_now: int
+    resumed_from: int
+    seconds: float
+    curve: ConvergenceLog
+
+    @property
+    def images_per_s(self) -> float | None:
+        return self.generated_now / self.seconds if self.generated_now and self.seconds > 0 else None
+
+
+def generate(
+    cfg: DictConfig,
+    run: Run,
+    dm,
+    method: ProtectionMethod,
+    out: ProtectedSet,
+    digest: str,
+    indices: Sequence[int] | None = None,
+    curve_key: str = "convergence",
+) -> Generation:
+    """Protect dataset items `indices` (default: all) into the bound set `out` with `Trainer.predict` on
+    every device of `cfg.trainer`, skipping the finished ones; the one way every task writes a set.
+
+    The first `eval.grid` items also keep their stages (`grid/`), and the method's per-step curve is
+    logged as `<curve_key>.csv`. Generation always covers every item asked for (`fast_dev_run` and
+    `limit_predict_batches` do not apply: they would leave a set unfinished)."""
+    ids = dm.dataset.ids
+    indices = list(range(len(ids)) if indices is None else indices)
+    done = out.records()
+    todo = [i for i in indices if ids[i] not in done]
+    if run.is_main:
+        print(
+            f"generate: {len(indices)} images, {len(indices) - len(todo)} already done, {len(todo)} to go -> {out.dir}"
+        )
+    curve, rank, start = ConvergenceLog(run, curve_key), 0, time.perf_counter()
+    if todo:
+        callbacks: list[Callback] = [ProtectedSetWriter(out, digest), curve]
+        if cfg.trainer.enable_progress_bar:
+            callbacks.append(ImageProgressBar())
+        trainer_cfg = {**to_dict(cfg.trainer), "fast_dev_run": False, "limit_predict_batches": None}
+        trainer = L.Trainer(
+            **trainer_cfg,
+            logger=run.logger,
+            callbacks=callbacks,
+            inference_mode=False,
+            enable_checkpointing=False,
+            default_root_dir=run.dir,
+        )
+        trainer.predict(
+            ProtectModule(method, cfg.seed, grid_ids=[ids[i] for i in indices[: cfg.eval.grid]]),
+            dataloaders=dm.predict_dataloader(todo, batch_size=cfg.generate.batch_size),
+            return_predictions=False,
+        )
+        trainer.strategy.barrier()  # every rank's last batch is on disk before the manifest is merged
+        rank = trainer.global_rank
+    seconds = time.perf_counter() - start
+    if rank != 0:
+        return Generation(None, len(todo), len(indices) - len(todo), seconds, curve)
+    by_id = {r["id"]: r for r in out.write_manifest()}
+    missing = [ids[i] for i in indices if ids[i] not in by_id]
+    if missing:
+        raise DataError(
+            f"{out.dir}: {len(missing)} images were not written (first: {missing[:3]}); rerun to resume"
+        )
+    records = [by_id[ids[i]] for i in indices]
+    return Generation(records, len(todo), len(indices) - len(todo), seconds, curve)
+
+
+def mean_curve(parts: Sequence[tuple[list[str], list[list[float]], int]]) -> list[list[float]]:
+    """[step, mean of each key] rows from per-rank sums; ranks whose curve has another shape are left out."""
+    filled = [p for p in parts if p[2]]
+    if not filled:
+        return []
+    keys, first, _ = filled[0]
+    same = [p for p in filled if p[0] == keys and len(p[1]) == len(first)]
+    images = sum(n for _, _, n in same)
+    return [
+        [t, *(sum(p[1][t][j] for p in same) / images for j in range(len(keys)))] for t in range(len(first))
+    ]
+
+
+class ImageProgressBar(TQDMProgressBar):
+    """The predict bar counts images, so its rate is images/s and its ETA holds for any batch size."""
+
+    def init_predict_tqdm(self):
+        bar = super().init_predict_tqdm()
+        bar.unit = "img"
+        return bar
 
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        super().on_predict_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
-        if batch_idx == 0:
-            self._t0, self._n = time.perf_counter(), 0
+        if not self.has_dataloader_changed(dataloader_idx):
+            return
+        self._images = 0
+        loaders = trainer.predict_dataloaders
+        loader = loaders[dataloader_idx] if isinstance(loaders, Sequence) else loaders
+        sampler = getattr(loader.batch_sampler, "sampler", None)  # under DDP: this rank's share
+        try:
+            total = len(loader.sampler if sampler is None else sampler)
+        except TypeError:  # an iterable dataset: no total, no ETA
+            total = None
+        self.predict_progress_bar.reset(total=total)
+        self.predict_progress_bar.set_description(f"{self.predict_description} DataLoader {dataloader_idx}")
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
-        self._n += len(batch["id"])
-        rate = self._n / max(time.perf_counter() - self._t0, 1e-9)
-        self.predict_progress_bar.set_postfix(img_s=f"{rate:.2f}")
+        self._images += len(batch["id"])
+        bar = self.predict_progress_bar
+        if not bar.disable and self._should_update(
+            batch_idx + 1, self.total_predict_batches_current_dataloader
+        ):
+            bar.n = self._images
+            bar.refresh()

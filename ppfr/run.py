@@ -1,45 +1,39 @@
 """A run: its directory, its logger, and the numbers it measured.
 
 Every run directory holds the resolved `config.yaml` and a `results.json` rewritten
-atomically whenever results are added, so a crash never leaves a half-written file.
+atomically whenever results are added, so a crash never leaves a half-written file. Its
+`status` says how the run ended: `running` (still, or killed), `ok`, or `failed` with the error.
 """
 
 from __future__ import annotations
 
 import csv
 import datetime as dt
+import io
 import json
 import os
 import platform
 import socket
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import make_grid
 
 from ppfr.config import to_dict
 from ppfr.errors import ConfigError
+from ppfr.io import save_png, write_atomic
 
+__all__ = ["Run", "format_table", "is_main_process", "write_atomic"]
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder + rename, so readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+# What launchers set in the processes they start: torchrun (RANK, LOCAL_RANK), SLURM (SLURM_PROCID),
+# LSF (JSM_NAMESPACE_RANK), Lightning's own DDP launchers (LOCAL_RANK, NODE_RANK).
+RANK_VARIABLES = ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK", "LOCAL_RANK", "NODE_RANK")
 
 
 def format_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -58,15 +52,20 @@ def format_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def is_main_process() -> bool:
-    """False in the extra processes a multi-GPU launch starts (they re-run the same command line)."""
-    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+    """True only in global rank 0, however the processes were launched (every rank variable set is 0)."""
+    return all(os.environ.get(key, "0") == "0" for key in RANK_VARIABLES)
 
 
 def _make_run_dir(cfg: DictConfig) -> Path:
+    """`run_dir`, else a new `<outputs>/<experiment>/<timestamp>`.
+
+    Only the main process creates it. Other ranks get a guess that they never write to: what they
+    write (the protected set) goes to the path broadcast from rank 0 once the process group exists
+    (`ProtectedSetWriter.setup`), because ranks started by torchrun or SLURM cannot agree on a
+    timestamp by themselves.
+    """
     if cfg.run_dir:
         return Path(cfg.run_dir)
-    if not is_main_process() and os.environ.get("PPFR_RUN_DIR"):
-        return Path(os.environ["PPFR_RUN_DIR"])  # the directory rank 0 chose
     stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     base = Path(cfg.paths.outputs) / cfg.experiment
     run_dir, n = base / stamp, 1
@@ -98,14 +97,19 @@ def _make_logger(cfg: DictConfig, run_dir: Path) -> Logger:
 
 
 class Run:
-    """What a task needs from the outside world: where to write, how to log, which seed."""
+    """What a task needs from the outside world: where to write, how to log, which seed.
+
+    Use it as a context manager, so that `results.json` records how the run ended:
+
+        with Run(cfg) as run:
+            run.add_results(**task(cfg, run))
+    """
 
     def __init__(self, cfg: DictConfig, logger: bool = True) -> None:
-        self.dir = _make_run_dir(cfg).resolve()
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.is_main = is_main_process()
+        self.dir = _make_run_dir(cfg).resolve()
         if self.is_main:
-            os.environ["PPFR_RUN_DIR"] = str(self.dir)  # inherited by the DDP processes Lightning launches
+            self.dir.mkdir(parents=True, exist_ok=True)
         cfg.run_dir = str(self.dir)
         self.cfg = cfg
         self.seed: int | None = cfg.seed
@@ -115,11 +119,13 @@ class Run:
         self.results_path = self.dir / "results.json"
         if self.results_path.exists():  # a resumed run keeps what it measured before
             self.results = json.loads(self.results_path.read_text())
+        self.results.pop("error", None)
         if self.is_main:
             write_atomic(self.dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         self.logger: Logger | None = _make_logger(cfg, self.dir) if logger else None
         self.add_results(
             experiment=cfg.experiment,
+            status="running",
             run_dir=str(self.dir),
             seed=self.seed,
             seed_source="config" if self.seed is not None else "os-entropy",
@@ -129,8 +135,17 @@ class Run:
                 "python": platform.python_version(),
                 "torch": torch.__version__,
                 "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                "threads": torch.get_num_threads(),
             },
         )
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.finish(error)
 
     def add_results(self, **results: Any) -> None:
         self.results.update(results)
@@ -145,28 +160,32 @@ class Run:
         """A table to W&B (wandb.Table) and always as `<run_dir>/<key>.csv`."""
         if not self.is_main:
             return
-        path = self.dir / f"{key.replace('/', '_')}.csv"
-        with open(path, "w", newline="") as f:
-            csv.writer(f).writerows([columns, *rows])
+        text = io.StringIO()
+        csv.writer(text).writerows([columns, *rows])
+        write_atomic(self.dir / f"{key.replace('/', '_')}.csv", text.getvalue())
         if isinstance(self.logger, WandbLogger):
             self.logger.log_table(key=key, columns=columns, data=[list(r) for r in rows])
 
-    def log_images(self, key: str, images: list[torch.Tensor], captions: list[str]) -> None:
-        """Image grids to W&B and always as `<run_dir>/images/<key>.png`."""
+    def log_images(self, key: str, images: list[torch.Tensor], captions: list[str], nrow: int = 4) -> None:
+        """Image grids to W&B and always as `<run_dir>/images/<key>.png` (`nrow` images a row)."""
         if not self.is_main:
             return
-        path = self.dir / "images" / f"{key.replace('/', '_')}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(make_grid([im.detach().float().cpu().clamp(0, 1) for im in images], nrow=4), path)
+        grid = make_grid([im.detach().float().cpu().clamp(0, 1) for im in images], nrow=nrow)
+        save_png(grid, self.dir / "images" / f"{key.replace('/', '_')}.png")
         if isinstance(self.logger, WandbLogger):
             self.logger.log_image(
                 key=key, images=[im.detach().float().cpu() for im in images], caption=captions
             )
 
-    def finish(self) -> None:
+    def finish(self, error: BaseException | None = None) -> None:
+        """Record how the run ended (`status` ok, or failed with the error) and close the logger."""
+        if error is None:
+            self.add_results(status="ok")
+        else:
+            self.add_results(status="failed", error={"type": type(error).__name__, "message": str(error)})
         if self.logger is not None:
-            self.logger.finalize("success")
+            self.logger.finalize("success" if error is None else "failed")
             if isinstance(self.logger, WandbLogger):
                 import wandb
 
-                wandb.finish()
+                wandb.finish(exit_code=0 if error is None else 1)

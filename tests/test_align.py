@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 
 import cv2
 import numpy as np
 import pytest
 from PIL import Image
 
-from ppfr.align import ARCFACE_112, Aligner, read_image
+import datamodules
+from ppfr.align import Aligner, read_image
 from ppfr.errors import ConfigError, DataError
+from ppfr.template import ARCFACE_112, similarity_transform
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +32,14 @@ def lfw_photos(faces_mini):
 def test_template_values():
     assert ARCFACE_112.shape == (5, 2) and ARCFACE_112.dtype == np.float32
     assert ARCFACE_112[0].tolist() == pytest.approx([38.2946, 51.6963])
+
+
+def test_similarity_transform_recovers_a_known_similarity():
+    angle, scale, shift = 0.3, 1.7, np.array([5.0, -3.0])
+    rot = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    moved = ARCFACE_112 @ rot.T + shift
+    matrix = similarity_transform(ARCFACE_112, moved)
+    assert np.allclose(matrix, np.hstack([rot, shift[:, None]]), atol=1e-4)
 
 
 def test_aligned_eyes_land_on_the_template(lfw_photos, align_cache):
@@ -131,3 +142,17 @@ def test_no_face_policies(tmp_path, align_cache):
 def test_bad_policy_is_a_config_error():
     with pytest.raises(ConfigError, match="on_no_face.*'ignore'"):
         Aligner(None, on_no_face="ignore")
+
+
+def test_dataset_alignment_shows_progress_with_rate_and_threads(lfw_photos, align_cache, tmp_path, capfd):
+    root = tmp_path / "lfw" / "Abel_Pacheco"
+    root.mkdir(parents=True)
+    for photo in lfw_photos[:2]:
+        (root / photo.name).write_bytes(photo.read_bytes())
+    dm = datamodules.create(
+        {"name": "lfw", "root": str(root.parent), "cache_dir": str(align_cache), "pairs_file": None}
+    )
+    assert len(dm.dataset) == 2
+    err = capfd.readouterr().err
+    assert f"aligning {root.parent} (torch threads " in err
+    assert re.search(r"2/2 \[[0-9:]+<[0-9:]+, +[0-9.]+img/s\]", err), err  # elapsed<ETA, rate

@@ -18,9 +18,8 @@ from scipy.io import loadmat, savemat
 
 import datamodules
 from ppfr.align import Aligner
+from ppfr.config import groups, load_option
 from ppfr.errors import ConfigError, DataError
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "data"
 
 
 def lfw_photo(faces_mini: Path, name: str, n: int) -> Path:
@@ -123,7 +122,7 @@ def test_missing_root_and_bad_config(tmp_path):
         datamodules.create({"name": "lfw", "root": str(tmp_path / "nowhere")}).index()
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['batchsize'\].*valid keys: .*'batch_size'"):
         datamodules.create({"name": "lfw", "root": str(tmp_path), "batchsize": 8})
-    with pytest.raises(ConfigError, match=r"'lfw2' is not a known dataset; valid: \['agedb', 'bin'"):
+    with pytest.raises(ConfigError, match=r"data\.name: unknown dataset 'lfw2'; known: agedb, bin"):
         datamodules.create({"name": "lfw2", "root": str(tmp_path)})
     with pytest.raises(ConfigError, match=r"data\.subset: unknown key\(s\) \['people'\]"):
         datamodules.create({"name": "lfw", "root": str(tmp_path), "subset": {"people": 3}})
@@ -142,6 +141,41 @@ def test_truncated_image_in_dataset(faces_mini, align_cache, tmp_path):
     (root / "Abel_Pacheco" / "Abel_Pacheco_0004.jpg").write_bytes(data[:3000])
     with pytest.raises(DataError, match=r"Abel_Pacheco_0004\.jpg: cannot decode image"):
         make("lfw", root, align_cache, pairs_file=None).setup()
+
+
+def test_every_unreadable_image_is_named_up_to_a_cap(faces_mini, align_cache, tmp_path):
+    root = copy_lfw(faces_mini, tmp_path / "lfw", {"Abel_Pacheco": [1]})
+    data = lfw_photo(faces_mini, "Abel_Pacheco", 4).read_bytes()
+    (root / "Abel_Pacheco" / "Abel_Pacheco_0004.jpg").write_bytes(data[:3000])
+    (root / "Zed").mkdir()
+    (root / "Zed" / "Zed_0001.jpg").write_text("not a picture")
+    (root / "Zed" / "Zed_0002.png").write_bytes(b"")
+    with pytest.raises(DataError) as err:
+        make("lfw", root, align_cache, pairs_file=None).setup()
+    message = str(err.value)
+    assert message.startswith(f"{root}: 3 unreadable image(s): ") and "\n" not in message
+    for name in ("Abel_Pacheco_0004.jpg: cannot decode", "Zed_0001.jpg: not a readable", "Zed_0002.png"):
+        assert name in message
+    for k in range(3, 13):  # 13 bad files in all: 10 named, the rest counted
+        (root / "Zed" / f"Zed_{k:04d}.jpg").write_text("not a picture")
+    with pytest.raises(DataError, match=r": 13 unreadable image\(s\): .*; and 3 more$") as err:
+        make("lfw", root, align_cache, pairs_file=None).setup()
+    assert str(err.value).count("not a readable image") + str(err.value).count("cannot decode") == 10
+
+
+def test_tasks_get_loaders_and_pairs_without_setup(faces_mini, align_cache):
+    dm = make("lfw", faces_mini / "lfw", align_cache, subset={"pairs": 8}, batch_size=4)
+    assert dm.pairs.shape == (8, 2)  # first use aligns and sets up
+    batches = list(dm.predict_dataloader(batch_size=5))
+    assert [len(b["index"]) for b in batches] == [5, 5, 3]
+    chosen = [int(dm.pairs[0, 1]), int(dm.pairs[0, 0]), int(dm.pairs[5, 0])]
+    (batch,) = dm.predict_dataloader(indices=chosen, batch_size=8)
+    assert batch["index"].tolist() == chosen and list(batch["id"]) == [dm.dataset.ids[i] for i in chosen]
+    assert torch.equal(batch["image"][0], dm.dataset[chosen[0]]["image"])
+    pairs, issame, folds = dm.pairs_within(chosen)
+    assert pairs.tolist() == [[1, 0]] and issame.tolist() == [True] and folds.tolist() == [0]
+    assert dm.pairs_within([chosen[0]])[0].shape == (0, 2)
+    assert dm.report["torch_threads"] == torch.get_num_threads()
 
 
 @pytest.fixture
@@ -405,12 +439,13 @@ def test_lightning_trainer_runs_on_the_datamodule(faces_mini, align_cache):
 
 
 # -- configs --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
-def test_yaml_mirrors_the_constructor(path, tmp_path):
+@pytest.mark.parametrize("option", groups()["data"])
+def test_yaml_mirrors_the_constructor(option, tmp_path):
     cfg = OmegaConf.create({"paths": {"data": str(tmp_path), "cache": str(tmp_path / "cache")}})
-    cfg.data = OmegaConf.load(path)
+    cfg.data = load_option("data", option)
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    cls = datamodules.REGISTRY[data["name"]]
+    cls = datamodules.DATAMODULES.get(data["name"])
+    assert data["name"] == option
     assert set(data) - {"name"} == set(datamodules.arguments(cls))
     dm = datamodules.create(data)
     assert isinstance(dm, cls) and str(dm.cache_dir) == str(tmp_path / "cache" / "aligned")

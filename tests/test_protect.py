@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 from ppfr import recognizers
-from ppfr.align import ARCFACE_112, Aligner
+from ppfr.align import Aligner
+from ppfr.config import load_option, to_dict
 from ppfr.errors import ConfigError
 from ppfr.protect import create, parts
 from ppfr.protect.lfsa import LFSA
+from ppfr.template import ARCFACE_112
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESETS = sorted((ROOT / "configs" / "protect").glob("*.yaml"))
+PRESETS = ["paper", "lfsa", "wo_f", "wo_c", "wo_p"]
 SURROGATE = "mobilefacenet_relu6"
 
 
@@ -236,7 +238,7 @@ def test_lfsa_under_bf16_autocast(faces, surrogate):
 
 
 def test_create_checks_keys(surrogate):
-    with pytest.raises(ConfigError, match="unknown method 'nope'.*lfsa"):
+    with pytest.raises(ConfigError, match="unknown .*method 'nope'.*lfsa"):
         create({"name": "nope"}, [surrogate])
     with pytest.raises(ConfigError, match="stepz.*valid keys"):
         create({"name": "lfsa", "stepz": 3}, [surrogate])
@@ -252,49 +254,160 @@ def test_create_checks_keys(surrogate):
         create({"name": "lfsa"}, None)
 
 
-@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("preset", PRESETS)
 def test_presets_build(preset, models_dir):
-    cfg = OmegaConf.load(preset)
-    ensemble = recognizers.create_many(list(cfg.ensemble), models_dir)
+    cfg = to_dict(load_option("protect", preset))  # composed: the deltas over paper / lfsa
+    ensemble = recognizers.create_many(list(cfg["ensemble"]), models_dir)
     method = create(cfg, ensemble)
-    assert method.steps == cfg.steps and len(method.recognizers) == len(cfg.ensemble)
+    assert method.steps == cfg["steps"] and len(method.recognizers) == len(cfg["ensemble"])
+
+
+def test_presets_are_deltas_of_the_paper():
+    paper, lfsa = (to_dict(load_option("protect", n)) for n in ("paper", "lfsa"))
+    assert not any(v["enabled"] for v in [paper["boosters"]["input_diversity"], paper["boosters"]["margin"]])
+    assert lfsa["boosters"]["input_diversity"]["enabled"]
+    for name, key in (("wo_f", "highpass"), ("wo_c", "prune"), ("wo_p", "noise")):
+        assert to_dict(load_option("protect", name)) == {**lfsa, key: {**lfsa[key], "enabled": False}}, name
 
 
 def test_constructor_defaults_are_the_paper_preset(surrogate):
-    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "protect" / "paper.yaml"))
+    cfg = to_dict(load_option("protect", "paper"))
     cfg.pop("ensemble")
     preset, default = create(cfg, [surrogate]), LFSA([surrogate])
-    for key in (
-        "highpass",
-        "prune",
-        "noise",
-        "entropy",
-        "boosters",
-        "gamma",
-        "alpha",
-        "mu",
-        "p",
-        "steps",
-        "update",
-    ):
+    keys = ("highpass", "prune", "noise", "entropy", "boosters", "gamma", "alpha", "sign_step", "mu", "p")
+    for key in (*keys, "steps", "update"):
         assert getattr(preset, key) == getattr(default, key), key
 
 
-def test_ablation_presets_differ_only_in_their_part():
-    load = {p.stem: OmegaConf.to_container(OmegaConf.load(p)) for p in PRESETS}
-    base = load["lfsa"]
-    for name, key, change in (
-        ("wo_f", "highpass", {"enabled": False}),
-        ("wo_c", "prune", {"enabled": False}),
-        ("wo_p", "noise", {"enabled": False}),
-    ):
-        expected = {**base, key: {**base[key], **change}}
-        assert load[name] == expected, name
-
-
 def test_default_preset_end_to_end(faces, models_dir):
-    cfg = OmegaConf.load(ROOT / "configs" / "protect" / "lfsa.yaml")
-    ensemble = recognizers.create_many(list(cfg.ensemble), models_dir)
-    method = create({**OmegaConf.to_container(cfg), "steps": 1}, ensemble).to("cpu")  # moves like any module
+    cfg = to_dict(load_option("protect", "lfsa"))
+    ensemble = recognizers.create_many(list(cfg["ensemble"]), models_dir)
+    method = create({**cfg, "steps": 1}, ensemble).to("cpu")  # moves like any module
     out = method(faces, torch.tensor([1, 2]))
     assert out.shape == faces.shape and torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------- issue 7: sign steps and ranges
+
+
+def test_sign_update_keeps_pixels_off_the_bounds(faces, surrogate):
+    """update=sign has its own step in pixel units: alpha=1 there saturated 86 % of pixels in 3 steps."""
+    method = LFSA([surrogate], steps=3, update="sign")
+    seeds = torch.tensor([1, 2])
+    out = method.stages(faces, seeds)
+    at_bounds = ((out["protected"] == 0) | (out["protected"] == 1)).float().mean()
+    assert at_bounds < 0.05
+    assert 0.001 < (out["protected"] - out["C"]).abs().mean() <= 3 * method.sign_step
+    assert method.last_history["cos"][-1] > method.last_history["cos"][0]
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"highpass": {"omega_c": 0.75}}, "highpass.omega_c"),  # above 0.707: a black image
+        ({"highpass": {"omega_c": 0.0}}, "highpass.omega_c"),
+        ({"alpha": "fast"}, "alpha"),
+        ({"alpha": 0}, "alpha"),
+        ({"steps": "abc"}, "steps"),
+        ({"steps": 2.5}, "steps"),
+        ({"sign_step": 0}, "sign_step"),
+        ({"mu": 1.5}, "mu"),
+        ({"gamma": -1}, "gamma"),
+        ({"p": 3}, "p"),
+        ({"prune": {"kappa": -0.1}}, "prune.kappa"),
+        ({"prune": {"window": 30}}, "prune.window"),
+        ({"prune": {"radius": [18.0, 0.0]}}, "prune.radius"),
+        ({"noise": {"octaves": 0}}, "noise.octaves"),
+        ({"noise": {"persistence": 1.5}}, "noise.persistence"),
+        ({"noise": {"lacunarity": 1.0}}, "noise.lacunarity"),
+        ({"noise": {"enabled": "yes"}}, "noise.enabled"),
+        ({"entropy": {"bins": 1}}, "entropy.bins"),
+        ({"betas": [-1.0]}, "betas"),
+        ({"boosters": {"input_diversity": {"prob": 2}}}, "boosters.input_diversity.prob"),
+        ({"boosters": {"ti_kernel": 4}}, "boosters.ti_kernel"),
+        ({"boosters": {"ti_kernel": 1}}, "boosters.ti_kernel"),
+        ({"boosters": {"model_dropout": 1.0}}, "boosters.model_dropout"),
+        ({"boosters": {"feature_dropout": {"rate": 1.0}}}, "boosters.feature_dropout.rate"),
+        (
+            {"boosters": {"feature_dropout": {"rate": 0.1, "layers": [1.5]}}},
+            "boosters.feature_dropout.layers",
+        ),
+        ({"boosters": {"views": {"k": -1}}}, "boosters.views.k"),
+        ({"boosters": {"views": {"resample": 0}}}, "boosters.views.resample"),
+        ({"boosters": {"variance_tuning": {"radius": 0}}}, "boosters.variance_tuning.radius"),
+        ({"boosters": {"margin": {"temperature": 0}}}, "boosters.margin.temperature"),
+        ({"boosters": {"margin": {"enabled": True}}}, "boosters.margin"),  # no thresholds given
+        ({"boosters": {"lowres": {"size": 2}}}, "boosters.lowres.size"),
+        ({"monitor_every": 0}, "monitor_every"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_every_numeric_key_is_range_checked(surrogate, change, key):
+    with pytest.raises(ConfigError, match=rf"^protect\.{key}: ") as err:
+        create({"name": "lfsa", **change}, [surrogate])
+    assert "\n" not in str(err.value)
+    LFSA([surrogate], highpass={"omega_c": 0.7})  # just below the highest radius: still an image
+
+
+# ---------------------------------------------------------------- views and the device loop
+
+
+def test_views_resample_and_rotate(faces):
+    still = torch.tensor([[0.0, 0.5, 0.5, 0.5, 0.5, 1.0]]).expand(2, 6)  # no jitter, the lowest factor
+    half = parts.input_diversity(faces, still, 1.0, 0.1, 0.1, rotate=10.0, resample=0.5)
+    down_up = F.interpolate(F.interpolate(faces, size=56, mode="bilinear"), size=112, mode="bilinear")
+    assert (half - down_up).abs().mean() < 1e-3 < (half - faces).abs().mean()
+    turn = torch.tensor([[0.0, 0.5, 0.5, 0.5, 1.0, 0.0]]).expand(2, 6)  # the largest angle, factor 1
+    turned = parts.input_diversity(faces, turn, 1.0, 0.1, 0.1, rotate=90.0, resample=0.5)
+    torch.testing.assert_close(turned, faces.rot90(1, (2, 3)), atol=1e-4, rtol=0)
+    # without rotate/resample the 5th and 6th draws are not read: the plain rescale-and-shift view
+    draws = torch.rand(2, 6, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(
+        parts.input_diversity(faces, draws, 1.0, 0.1, 0.1),
+        parts.input_diversity(faces, draws[:, :4], 1.0, 0.1, 0.1),
+    )
+
+
+def test_generator_streams_are_independent():
+    def first(stream: int) -> torch.Tensor:
+        return torch.rand(8, generator=parts.generators(torch.tensor([7]), "cpu", stream)[0])
+
+    assert torch.equal(first(1), first(1)) and not torch.equal(first(0), first(1))
+    torch.testing.assert_close(first(0), torch.rand(8, generator=torch.Generator().manual_seed(7)))
+
+
+def test_ascent_loop_reads_nothing_back_to_the_host(faces, surrogate, models_dir, monkeypatch):
+    """Noise, entropy, views, boosters and monitors stay on the device: the read-backs of ppfr code
+    (each would stall a GPU) do not grow with the number of steps."""
+    monitor = recognizers.create("mobilefacenet_tf", models_dir)
+    boosters = {
+        "input_diversity": {"enabled": True},
+        "views": {"k": 2, "rotate": 5.0, "resample": 0.7},
+        "feature_dropout": {"rate": 0.02},
+        "variance_tuning": {"n": 1},
+        "margin": {"enabled": True},
+        "lowres": {"size": 28},
+        "ti_kernel": 5,
+        "model_dropout": 0.2,
+    }
+    package = str(Path(parts.__file__).parents[1])
+    reads: list[tuple[str, int]] = []
+
+    def spying(real):
+        def spy(self, *args, **kwargs):
+            caller = sys._getframe(1)
+            if caller.f_code.co_filename.startswith(package):
+                reads.append((caller.f_code.co_filename, caller.f_lineno))
+            return real(self, *args, **kwargs)
+
+        return spy
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, spying(getattr(torch.Tensor, name)))
+    counts = []
+    for steps in (1, 3):
+        reads.clear()
+        method = LFSA([surrogate], steps=steps, boosters=boosters, thresholds=[0.3], monitors=[monitor])
+        method(faces, torch.tensor([1, 2]))
+        counts.append(len(reads))
+    assert counts[0] == counts[1] <= 3, reads  # the seeds of two generator streams and the history

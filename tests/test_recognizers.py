@@ -3,6 +3,7 @@ input gradients, preprocessing geometry, PyTorch checkpoints and every error pat
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -16,13 +17,13 @@ from torch import nn
 
 import datamodules
 from ppfr import recognizers
-from ppfr.align import ARCFACE_112
 from ppfr.errors import ConfigError, ModelError
 from ppfr.recognizers import Recognizer
 from ppfr.recognizers.base import affine_from_points
 from ppfr.recognizers.facenet import box_affine
 from ppfr.recognizers.iresnet import LAYERS, IResNet
 from ppfr.recognizers.onnx import load_catalog
+from ppfr.template import ARCFACE_112
 from ppfr.verification import verify
 
 # faces-mini/lfw fold 1: 20 genuine + 20 impostor pairs, ~65 faces (hse at 224 px is slow on CPU).
@@ -48,7 +49,8 @@ def test_registry_lists_usable_models_and_families(models_dir, zoo):
     usable = [
         e["name"] for e in json.loads((models_dir / "models.json").read_text())["models"] if e["usable"]
     ]
-    torch_archs = ["iresnet18", "iresnet34", "iresnet50", "iresnet100", "facenet"]
+    torch_archs = ["facenet", "iresnet100", "iresnet18", "iresnet34", "iresnet50"]
+    assert recognizers.RECOGNIZERS.names() == torch_archs
     assert recognizers.available(models_dir) == usable + torch_archs
     assert list(zoo) == usable
     assert zoo["hse_faceres_deep"].family == zoo["hse_faceres"].family == "hse_faceres"
@@ -56,8 +58,10 @@ def test_registry_lists_usable_models_and_families(models_dir, zoo):
     assert len(set(others)) == len(others) == 6
     for entry in load_catalog(models_dir).values():
         assert zoo[entry["name"]].embedding_dim == entry["embedding_dim"]
+        assert zoo[entry["name"]].sha256 == entry["sha256"]
 
 
+@pytest.mark.slow
 def test_every_recognizer_separates_real_lfw_pairs(zoo, lfw):
     images, dm = lfw
     assert int(dm.issame.sum()) == N_PAIRS // 2 and len(dm.pairs) == N_PAIRS
@@ -131,7 +135,14 @@ def test_warp_moves_template_points_to_the_models_own_points(model, models_dir):
         points = np.array(entry["alignment"]["points_xy"])
         affine, size = affine_from_points(points), tuple(entry["input_size"])
     rec = Recognizer(
-        "probe", nn.Identity(), 3, input_size=size, affine=affine, mean=(0, 0, 0), std=(255, 255, 255)
+        "probe",
+        nn.Identity(),
+        3,
+        input_size=size,
+        affine=affine,
+        mean=(0, 0, 0),
+        std=(255, 255, 255),
+        sha256="0" * 64,
     )
     with torch.no_grad():
         warped = rec.preprocess(_blobs(ARCFACE_112))[:, 0]
@@ -193,6 +204,7 @@ def test_iresnet_checkpoint_round_trip(tmp_path):
     x = torch.rand(2, 3, 112, 112, requires_grad=True)
     emb = rec(x)
     assert emb.shape == (2, 512) and rec.embedding_dim == 512 and rec.family == arch
+    assert rec.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     with torch.no_grad():
         assert torch.allclose(emb, F.normalize(net((x - 0.5) / 0.5), dim=1), atol=1e-5)
     emb[:, 0].sum().backward()
@@ -268,7 +280,7 @@ def test_misfit_state_dict_lists_keys_and_shapes(tmp_path):
 def test_config_errors_name_the_choices(models_dir):
     with pytest.raises(
         ConfigError,
-        match=r"unknown recognizer 'arcface'; available: mobilefacenet_tf, .*hse_faceres_deep, iresnet18, .*facenet",
+        match=r"recognizer\.names: unknown recognizer 'arcface'; available: mobilefacenet_tf, .*hse_faceres_deep, facenet, iresnet100",
     ):
         recognizers.create("arcface", models_dir)
     with pytest.raises(

@@ -1,17 +1,24 @@
-"""Protection methods: X (aligned faces in [0,1]) -> X'. ``create`` builds one from its config node."""
+"""Protection methods: X (aligned faces in [0,1]) -> X'. ``create`` builds one from its config node.
+
+Every module of this package is imported here, so a method registers itself in ``METHODS`` with
+``@METHODS.register(name)`` and needs no line in this file.
+"""
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import pkgutil
 from collections.abc import Mapping, Sequence
 
 from torch import nn
 
 from ppfr.errors import ConfigError
-from ppfr.protect.base import ProtectionMethod, plain
-from ppfr.protect.lfsa import LFSA
+from ppfr.protect.base import METHODS, ProtectionMethod, plain
 
-METHODS: dict[str, type[ProtectionMethod]] = {"lfsa": LFSA}
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
 
 __all__ = ["METHODS", "ProtectionMethod", "create"]
 
@@ -24,9 +31,7 @@ def create(cfg: Mapping, recognizers: Sequence[nn.Module] | None = None) -> Prot
     """
     cfg = plain(cfg)
     name = cfg.pop("name", None)
-    if name not in METHODS:
-        raise ConfigError(f"protect.name: unknown method {name!r}; valid methods: {', '.join(METHODS)}")
-    cls = METHODS[name]
+    cls = METHODS.get(name)
     params = inspect.signature(cls).parameters
     needs = "recognizers" in params
     ensemble = cfg.pop("ensemble", None)

@@ -9,6 +9,7 @@ from typing import Any, TypeVar, get_type_hints
 from torch import Tensor, nn
 
 from ppfr.errors import ConfigError, DataError
+from ppfr.registry import Registry
 
 T = TypeVar("T")
 
@@ -18,11 +19,20 @@ class ProtectionMethod(nn.Module):
 
     ``seeds`` (int64, one per item) drive every random draw for that item, through its own
     ``torch.Generator``: an item's output depends only on its seed and its input, whatever the
-    batch or device split. ``stochastic`` says whether X -> X' is not a function of X alone.
+    batch or device split. ``stochastic`` says whether X -> X' is not a function of X alone;
+    ``needs_training`` whether the transform has learned weights that must be trained or loaded
+    first (a method whose only learned part is its own recognizer does not).
+
+    Three views of a protected face, so every table compares like with like: ``forward`` the
+    image a person or a black-box recognizer sees, ``represent`` what the method's own recognizer
+    consumes, ``attacker_input`` what a reconstruction attacker is given (``attacker_channels``
+    channels). For image-domain methods all three are X'.
     """
 
     name: str = ""
     stochastic: bool = False
+    needs_training: bool = False
+    attacker_channels: int = 3
 
     def forward(self, x: Tensor, seeds: Tensor) -> Tensor:
         raise NotImplementedError
@@ -30,6 +40,17 @@ class ProtectionMethod(nn.Module):
     def stages(self, x: Tensor, seeds: Tensor) -> dict[str, Tensor]:
         """Named intermediate images for grids; methods with visible steps add theirs."""
         return {"original": x, "protected": self(x, seeds)}
+
+    def represent(self, x: Tensor, seeds: Tensor) -> Tensor:
+        """What the method's own recognizer consumes (B x C x H' x W')."""
+        return self(x, seeds)
+
+    def attacker_input(self, x: Tensor, seeds: Tensor) -> Tensor:
+        """What a reconstruction attacker is given: B x ``attacker_channels`` x H' x W'."""
+        return self(x, seeds)
+
+
+METHODS: Registry[ProtectionMethod] = Registry("protection method", key="protect.name")
 
 
 def check_batch(x: Tensor, seeds: Tensor, method: str) -> None:

@@ -3,12 +3,18 @@
 X0 = C(F(X)): high-pass detail with everything but the eyes replaced by local-statistics noise.
 Then T steps of momentum ascent (eq. 9) on L = sum_i beta_i cos(f_i(X), f_i(X_t)) + gamma H(X_t),
 each step modulated by fresh multi-scale Perlin noise N'_t, so X -> X' is not a function.
+
+Transfer boosters (``boosters``, all off in the paper preset) make the ascent less particular to
+the surrogates; they use only the surrogates, never a held-out model. Their random draws come
+from a second generator per item, so switching one on leaves every other draw unchanged.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,10 +22,11 @@ from torch import Tensor, nn
 
 from ppfr.errors import ConfigError
 from ppfr.protect import parts
-from ppfr.protect.base import ProtectionMethod, check_batch, part
+from ppfr.protect.base import METHODS, ProtectionMethod, check_batch, part
 
 MODES = ("modulate", "add", "both")
 UPDATES = ("raw", "sign")
+MAX_RADIUS = 0.5 * math.sqrt(2)  # the highest frequency radius of an image, cycles/pixel
 
 
 @dataclass(frozen=True)
@@ -73,21 +80,95 @@ class InputDiversity:
 
 
 @dataclass(frozen=True)
+class FeatureDropout:
+    """Dropout on chosen convolution outputs of every surrogate (rate 0 = off)."""
+
+    rate: float = 0.0
+    layers: tuple[float, ...] = (0.5,)  # relative depths among each surrogate's Conv2d layers
+
+
+@dataclass(frozen=True)
+class Views:
+    """The loss of each step averaged over k random views (k 0 = off; then input_diversity applies)."""
+
+    k: int = 0
+    scale: float = 0.1
+    shift: float = 0.1
+    rotate: float = 0.0  # degrees
+    resample: float = 1.0  # lowest down-sampling factor (1 = none)
+
+
+@dataclass(frozen=True)
+class VarianceTuning:
+    """VMI: the previous step's gradient variance over n random neighbours is added (n 0 = off)."""
+
+    n: int = 0
+    radius: float = 0.05  # neighbours uniform in +-radius per pixel
+
+
+@dataclass(frozen=True)
+class Margin:
+    """Surrogate weights beta_i * softmin over margins cos_i - threshold_i; no pull past stop_margin."""
+
+    enabled: bool = False
+    temperature: float = 0.05
+    stop_margin: float = 0.1
+
+
+@dataclass(frozen=True)
+class Lowres:
+    """An additive component optimised at size x size and up-sampled (size 0 = off)."""
+
+    size: int = 0
+    weight: float = 1.0  # its step relative to the image's
+
+
+@dataclass(frozen=True)
 class Boosters:
     """Transfer boosters beyond the paper; all off = eq. 9 as written."""
 
     input_diversity: InputDiversity = field(default_factory=InputDiversity)
     ti_kernel: int = 0
     model_dropout: float = 0.0
+    feature_dropout: FeatureDropout = field(default_factory=FeatureDropout)
+    views: Views = field(default_factory=Views)
+    variance_tuning: VarianceTuning = field(default_factory=VarianceTuning)
+    margin: Margin = field(default_factory=Margin)
+    lowres: Lowres = field(default_factory=Lowres)
 
 
+def in_range(key: str, value: Any, interval: str) -> None:
+    """A ConfigError naming ``protect.<key>`` unless ``value`` is a number in ``interval``.
+
+    ``interval`` reads like maths: "(0, 1]", "[0, inf)", or "int [1, inf)" for an integer.
+    """
+    integer = interval.startswith("int ")
+    body = interval.removeprefix("int ")
+    low, high = (float(v) for v in body[1:-1].split(","))
+    ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+    ok = ok and (value > low if body[0] == "(" else value >= low)
+    ok = ok and (value < high if body[-1] == ")" else value <= high)
+    if not ok:
+        raise ConfigError(
+            f"protect.{key}: {value!r} must be {'an integer' if integer else 'a number'} in {body}"
+        )
+
+
+@METHODS.register("lfsa")
 class LFSA(ProtectionMethod):
     """The method; ``recognizers`` are the frozen surrogates (B x 3 x 112 x 112 [0,1] -> unit embeddings).
 
-    Defaults are configs/protect/paper.yaml (boosters off); the YAML presets state every key.
+    Defaults are configs/protect/paper.yaml (boosters off). ``sign_step`` is the step of
+    ``update=sign`` in pixel units (``alpha`` scales the normalised raw gradient instead).
+    ``thresholds`` (one per surrogate, from the calibration file) feed the margin booster.
+    ``monitors`` are recognizers outside the ensemble (black boxes) whose cos(f(X), f(X_t)) is
+    logged every ``monitor_every`` steps and at the last, with each surrogate's on the same plain
+    image; outputs only, without gradients: they never change the result.
 
-    After each ``forward``, ``last_history`` holds the batch-mean ``loss``, ``cos`` and
-    ``entropy`` per step (collected on the device, read back once).
+    After each ``forward``, ``last_history`` holds per step t = 0..T-1 the batch-mean ``loss``,
+    ``cos`` (the beta-weighted surrogate mean), ``entropy``, ``cos/<surrogate>`` (as the loss sees
+    it: through the views and dropout) and, with monitors, ``monitor/<surrogate or monitor>`` (nan
+    at the steps not watched). It is collected on the device and read back once per call.
     """
 
     name = "lfsa"
@@ -103,56 +184,136 @@ class LFSA(ProtectionMethod):
         gamma: float = 5.0,
         entropy: Mapping | Entropy | None = None,
         alpha: float = 1.0,
+        sign_step: float = 0.004,
         mu: float = 0.9,
         p: int = 2,
         steps: int = 100,
         update: str = "raw",
         boosters: Mapping | Boosters | None = None,
+        thresholds: Sequence[float] | None = None,
+        monitors: Sequence[nn.Module] | None = None,
+        monitor_every: int = 10,
     ) -> None:
         super().__init__()
         if not recognizers:
             raise ConfigError("protect.ensemble: LFSA needs at least one surrogate recognizer")
         self.recognizers = nn.ModuleList(recognizers).eval().requires_grad_(False)
+        self.monitors = nn.ModuleList(monitors or []).eval().requires_grad_(False)
         n = len(recognizers)
-        betas = [1.0 / n] * n if betas is None else [float(b) for b in betas]
+        betas = [1.0 / n] * n if betas is None else list(betas)
         if len(betas) != n:
             raise ConfigError(f"protect.betas: {len(betas)} weights for {n} surrogates")
-        self.register_buffer("betas", torch.tensor(betas), persistent=False)
+        for b in betas:
+            in_range("betas", b, "[0, inf)")
+        if thresholds is not None and len(thresholds) != n:
+            raise ConfigError(f"protect thresholds: {len(thresholds)} thresholds for {n} surrogates")
+        for t in thresholds or []:
+            in_range("thresholds", t, "[-1, 1]")
+        self.register_buffer("betas", torch.tensor(betas, dtype=torch.float32), persistent=False)
+        self.register_buffer(
+            "thresholds", None if thresholds is None else torch.tensor(thresholds), persistent=False
+        )
         self.highpass = part(Highpass, highpass, "protect.highpass")
         self.prune = part(Prune, prune, "protect.prune")
         self.noise = part(Noise, noise, "protect.noise")
         self.entropy = part(Entropy, entropy, "protect.entropy")
         self.boosters = part(Boosters, boosters, "protect.boosters")
-        self.gamma, self.alpha, self.mu, self.p, self.steps, self.update = gamma, alpha, mu, p, steps, update
+        self.gamma, self.alpha, self.sign_step, self.mu = gamma, alpha, sign_step, mu
+        self.p, self.steps, self.update, self.monitor_every = p, steps, update, monitor_every
         self._validate()
+        fd = self.boosters.feature_dropout
+        self._dropout_layers = (
+            [layer for f in self.recognizers for layer in parts.conv_layers(f, fd.layers)] if fd.rate else []
+        )
         self.last_history: dict[str, list[float]] = {}
 
     def _validate(self) -> None:
+        hp, pr, nz, boost = self.highpass, self.prune, self.noise, self.boosters
+        di, fd, views, vt = boost.input_diversity, boost.feature_dropout, boost.views, boost.variance_tuning
+        flags = {
+            "highpass.enabled": hp.enabled,
+            "prune.enabled": pr.enabled,
+            "noise.enabled": nz.enabled,
+            "boosters.input_diversity.enabled": di.enabled,
+            "boosters.margin.enabled": boost.margin.enabled,
+        }
+        for key, value in flags.items():
+            if not isinstance(value, bool):
+                raise ConfigError(f"protect.{key}: {value!r} must be true or false")
+        radius = pr.radius if isinstance(pr.radius, Sequence) else (pr.radius,)
         checks = [
-            (
-                self.noise.mode in MODES,
-                f"protect.noise.mode: {self.noise.mode!r} is not one of {', '.join(MODES)}",
-            ),
-            (self.update in UPDATES, f"protect.update: {self.update!r} is not one of {', '.join(UPDATES)}"),
-            (self.p in (1, 2), f"protect.p: {self.p!r} must be 1 or 2"),
-            (
-                int(self.steps) == self.steps and self.steps >= 0,
-                f"protect.steps: {self.steps!r} must be an int >= 0",
-            ),
-            (self.alpha > 0, f"protect.alpha: {self.alpha} must be > 0"),
-            (self.noise.octaves >= 1, f"protect.noise.octaves: {self.noise.octaves} must be >= 1"),
-            (self.noise.scale > 0, f"protect.noise.scale: {self.noise.scale} must be > 0"),
-            (self.entropy.bins >= 2, f"protect.entropy.bins: {self.entropy.bins} must be >= 2"),
-            (self.entropy.bandwidth > 0, f"protect.entropy.bandwidth: {self.entropy.bandwidth} must be > 0"),
-            (self.prune.window >= 1, f"protect.prune.window: {self.prune.window} must be >= 1"),
-            (0 <= self.boosters.model_dropout < 1, "protect.boosters.model_dropout: must be in [0, 1)"),
-            (self.boosters.ti_kernel >= 0, "protect.boosters.ti_kernel: must be >= 0 (0 = off)"),
+            ("highpass.omega_c", hp.omega_c, f"(0, {MAX_RADIUS:.4f})"),  # above: nothing kept, a black image
+            ("highpass.gain", hp.gain, "(0, inf)"),
+            *(("prune.radius", r, "(0, inf)") for r in radius),
+            ("prune.softness", pr.softness, "[0, inf)"),
+            ("prune.kappa", pr.kappa, "[0, inf)"),
+            ("prune.window", pr.window, "int [1, inf)"),
+            ("noise.octaves", nz.octaves, "int [1, inf)"),
+            ("noise.persistence", nz.persistence, "(0, 1]"),
+            ("noise.lacunarity", nz.lacunarity, "(1, inf)"),
+            ("noise.scale", nz.scale, "(0, inf)"),
+            ("noise.amplitude", nz.amplitude, "[0, inf)"),
+            ("gamma", self.gamma, "[0, inf)"),
+            ("entropy.bins", self.entropy.bins, "int [2, inf)"),
+            ("entropy.bandwidth", self.entropy.bandwidth, "(0, inf)"),
+            ("alpha", self.alpha, "(0, inf)"),
+            ("sign_step", self.sign_step, "(0, 1]"),
+            ("mu", self.mu, "[0, 1]"),
+            ("p", self.p, "int [1, 2]"),
+            ("steps", self.steps, "int [0, inf)"),
+            ("monitor_every", self.monitor_every, "int [1, inf)"),
+            ("boosters.input_diversity.prob", di.prob, "[0, 1]"),
+            ("boosters.input_diversity.scale", di.scale, "[0, 1)"),
+            ("boosters.input_diversity.shift", di.shift, "[0, 1)"),
+            ("boosters.ti_kernel", boost.ti_kernel, "int [0, inf)"),
+            ("boosters.model_dropout", boost.model_dropout, "[0, 1)"),
+            ("boosters.feature_dropout.rate", fd.rate, "[0, 1)"),
+            *(("boosters.feature_dropout.layers", v, "[0, 1]") for v in fd.layers),
+            ("boosters.views.k", views.k, "int [0, inf)"),
+            ("boosters.views.scale", views.scale, "[0, 1)"),
+            ("boosters.views.shift", views.shift, "[0, 1)"),
+            ("boosters.views.rotate", views.rotate, "[0, 180]"),
+            ("boosters.views.resample", views.resample, "(0, 1]"),
+            ("boosters.variance_tuning.n", vt.n, "int [0, inf)"),
+            ("boosters.variance_tuning.radius", vt.radius, "(0, 1]"),
+            ("boosters.margin.temperature", boost.margin.temperature, "(0, inf)"),
+            ("boosters.margin.stop_margin", boost.margin.stop_margin, "[0, 2]"),
+            ("boosters.lowres.size", boost.lowres.size, "int [0, inf)"),
+            ("boosters.lowres.weight", boost.lowres.weight, "(0, inf)"),
         ]
-        for ok, msg in checks:
+        for key, value, interval in checks:
+            in_range(key, value, interval)
+        rules = [
+            (nz.mode in MODES, f"protect.noise.mode: {nz.mode!r} is not one of {', '.join(MODES)}"),
+            (self.update in UPDATES, f"protect.update: {self.update!r} is not one of {', '.join(UPDATES)}"),
+            (pr.window % 2 == 1, f"protect.prune.window: {pr.window} must be odd"),
+            (
+                boost.ti_kernel == 0 or (boost.ti_kernel >= 3 and boost.ti_kernel % 2 == 1),
+                f"protect.boosters.ti_kernel: {boost.ti_kernel} must be 0 (off) or odd >= 3",
+            ),
+            (not fd.rate or fd.layers, "protect.boosters.feature_dropout.layers: empty while rate > 0"),
+            (
+                boost.lowres.size == 0 or boost.lowres.size >= 4,
+                f"protect.boosters.lowres.size: {boost.lowres.size} must be 0 (off) or >= 4 pixels",
+            ),
+            (
+                not boost.margin.enabled or self.thresholds is not None,
+                "protect.boosters.margin: needs the surrogates' calibrated thresholds (the task passes "
+                "them from calibration_file: run experiment=verify first)",
+            ),
+        ]
+        for ok, msg in rules:
             if not ok:
                 raise ConfigError(msg)
-        parts.keep_mask(112, self.prune.regions, self.prune.radius, self.prune.shape, self.prune.softness)
-        parts.highpass(torch.zeros(1, 3, 4, 4), self.highpass.omega_c, self.highpass.rescale)
+        for mon in self.monitors:
+            family = getattr(mon, "family", None)
+            if any(mon is f or (family and family == getattr(f, "family", None)) for f in self.recognizers):
+                raise ConfigError(
+                    f"LFSA monitors: {getattr(mon, 'name', mon)!r} is (a sibling of) a surrogate; "
+                    "a monitor must be a model outside the ensemble"
+                )
+        parts.keep_mask(112, pr.regions, pr.radius, pr.shape, pr.softness)
+        parts.highpass(torch.zeros(1, 3, 4, 4), hp.omega_c, hp.rescale)
 
     # ------------------------------------------------------------ stage 1: F and C
 
@@ -183,66 +344,161 @@ class LFSA(ProtectionMethod):
             gens = parts.generators(seeds, x.device)
             with torch.autocast(x.device.type, enabled=False):  # local variances need float32
                 detail, x0 = self.start(x, gens)
-            out, history = self._optimise(x, x0, gens) if self.steps else (x0, [])
+            if self.steps:
+                out, history = self._optimise(x, x0, gens, parts.generators(seeds, x.device, 1))
+            else:
+                out, history = x0, []
         self._record(history)
         return detail, x0, out
 
-    def _optimise(self, x: Tensor, x0: Tensor, gens: list[torch.Generator]) -> tuple[Tensor, list[Tensor]]:
-        """T steps of eq. 9 from X0; also the per-step (loss, cos, entropy) batch means."""
+    def _optimise(
+        self, x: Tensor, x0: Tensor, gens: list[torch.Generator], boost_gens: list[torch.Generator]
+    ) -> tuple[Tensor, list[Tensor]]:
+        """T steps of eq. 9 from X0 (``gens``: the method's draws, ``boost_gens``: the boosters').
+
+        Also returns the per-step history rows, on the device.
+        """
         b, dev = x.shape[0], x.device
-        nz, boost = self.noise, self.boosters
-        gamma = self.gamma if nz.enabled else 0.0  # w/o P: N' = 1 and gamma = 0
+        boost, vt, lowres = self.boosters, self.boosters.variance_tuning, self.boosters.lowres
         n_models = len(self.recognizers)
         with torch.no_grad():
             targets = [f(x).float() for f in self.recognizers]
+            watched = [m(x).float() for m in self._watched()]
         xt, g = x0.detach().clone(), torch.zeros_like(x0)
+        size = min(lowres.size, *x.shape[-2:])
+        z = x0.new_zeros(b, 3, size, size) if lowres.size else None
+        gz = torch.zeros_like(z) if z is not None else None
+        variance = torch.zeros_like(x0)
         history: list[Tensor] = []
-        for _ in range(self.steps):
+        unwatched = x0.new_full((len(watched),), float("nan"))
+        for t in range(self.steps):
             draws = parts.uniform(gens, 4 + n_models, dev)  # input diversity, model dropout
             weights = self.betas.expand(b, n_models)
             if boost.model_dropout > 0:
                 keep = parts.model_dropout(draws[:, 4:], boost.model_dropout)
                 weights = weights * keep / (weights * keep).sum(1, keepdim=True) * self.betas.sum()
             xt.requires_grad_(True)
-            seen = xt
-            di = boost.input_diversity
-            if di.enabled:
-                seen = parts.input_diversity(xt, draws[:, :4], di.prob, di.scale, di.shift)
-            cos = sum(
-                weights[:, i] * F.cosine_similarity(f(seen).float(), t, dim=1)
-                for i, (f, t) in enumerate(zip(self.recognizers, targets, strict=True))
-            )
-            ent = torch.zeros_like(cos)
-            if gamma:
-                ent = parts.histogram_entropy(xt, self.entropy.bins, self.entropy.bandwidth)
-            loss = cos + gamma * ent
-            (grad,) = torch.autograd.grad(loss.sum(), xt)
-            history.append(torch.stack([loss.mean(), cos.mean(), ent.mean()]).detach())
+            inputs = [xt] if z is None else [xt, z.requires_grad_(True)]
+            image = self._compose(xt, z)
+            watch = t % self.monitor_every == 0 or t == self.steps - 1
+            seen_by_monitors = self._watch(image, watched) if self.monitors and watch else unwatched
+            loss, cos, ent = self._objective(image, targets, weights, draws[:, :4], boost_gens)
+            grads = torch.autograd.grad(loss.sum(), inputs)
+            means = torch.stack([loss.mean(), (cos * self.betas).sum(1).mean(), ent.mean()])
+            history.append(torch.cat([means, cos.mean(0), seen_by_monitors]).detach())
+            grad = grads[0]
+            if vt.n:  # VMI: this step's gradient + the last step's neighbourhood variance
+                around = self._neighbours(image.detach(), targets, weights, draws[:, :4], boost_gens)
+                grad, variance = grad + variance, around - grad
             xt = xt.detach()
             if boost.ti_kernel > 1:
                 with torch.autocast(dev.type, enabled=False):
                     grad = parts.blur(grad, boost.ti_kernel)
-            norm = torch.linalg.vector_norm(grad, ord=self.p, dim=(1, 2, 3), keepdim=True)
-            g = self.mu * g + grad / norm.clamp_min(1e-12)
-            step = g.sign() if self.update == "sign" else g
-            xt = self._step(xt, step, gens)
-        return xt, history
+            g = self.mu * g + self._normalise(grad)
+            xt = self._step(xt, self._direction(g), gens)
+            if z is not None:
+                gz = self.mu * gz + self._normalise(grads[1])
+                step = self.sign_step if self.update == "sign" else self.alpha
+                z = (z.detach() + lowres.weight * step * self._direction(gz)).clamp(-1, 1)
+        return self._compose(xt, z).detach(), history
+
+    def _compose(self, xt: Tensor, z: Tensor | None) -> Tensor:
+        """The image: X_t plus the up-sampled low-resolution component when that booster is on."""
+        if z is None:
+            return xt
+        up = F.interpolate(z, size=xt.shape[-2:], mode="bilinear", align_corners=False)
+        return (xt + up).clamp(0, 1)
+
+    def _objective(
+        self, image: Tensor, targets: list[Tensor], weights: Tensor, draws: Tensor, boost_gens
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(loss B, cos B x n, entropy B) at ``image``: the surrogates see its views, with feature dropout."""
+        boost = self.boosters
+        views, di = boost.views, boost.input_diversity
+        if views.k:
+            u = parts.uniform(boost_gens, 6 * views.k, image.device)
+            jitter = (1.0, views.scale, views.shift, views.rotate, views.resample)
+            seen = torch.cat([parts.input_diversity(image, d, *jitter) for d in u.split(6, dim=1)])
+        elif di.enabled:
+            seen = parts.input_diversity(image, draws, di.prob, di.scale, di.shift)
+        else:
+            seen = image
+        k = len(seen) // len(image)
+        with parts.feature_dropout(self._dropout_layers, boost.feature_dropout.rate, boost_gens):
+            cos = torch.stack(
+                [
+                    F.cosine_similarity(f(seen).float().view(k, *t.shape), t, dim=-1).mean(0)
+                    for f, t in zip(self.recognizers, targets, strict=True)
+                ],
+                1,
+            )  # B x n
+        margin = boost.margin
+        if margin.enabled:  # softmin over margins; a surrogate past threshold + stop_margin stops pulling
+            m = cos.detach() - self.thresholds
+            w = weights * torch.softmax(-m / margin.temperature, dim=1) * (m < margin.stop_margin)
+            weights = w / w.sum(1, keepdim=True).clamp_min(1e-12) * self.betas.sum()
+        gamma = self.gamma if self.noise.enabled else 0.0  # w/o P: N' = 1 and gamma = 0
+        ent = torch.zeros_like(cos[:, 0])
+        if gamma:
+            ent = parts.histogram_entropy(image, self.entropy.bins, self.entropy.bandwidth)
+        return (weights * cos).sum(1) + gamma * ent, cos, ent
+
+    def _neighbours(self, image: Tensor, targets, weights, draws, boost_gens) -> Tensor:
+        """Mean gradient at ``variance_tuning.n`` random points within +-radius of ``image``."""
+        vt = self.boosters.variance_tuning
+        total = torch.zeros_like(image)
+        for _ in range(vt.n):
+            u = torch.stack(
+                [torch.rand(image.shape[1:], generator=g, device=image.device) for g in boost_gens]
+            )
+            near = (image + vt.radius * (2 * u - 1)).clamp(0, 1).requires_grad_(True)
+            (grad,) = torch.autograd.grad(
+                self._objective(near, targets, weights, draws, boost_gens)[0].sum(), near
+            )
+            total = total + grad
+        return total / vt.n
+
+    def _normalise(self, grad: Tensor) -> Tensor:
+        norm = torch.linalg.vector_norm(grad, ord=self.p, dim=tuple(range(1, grad.ndim)), keepdim=True)
+        return grad / norm.clamp_min(1e-12)
+
+    def _direction(self, g: Tensor) -> Tensor:
+        return g.sign() if self.update == "sign" else g
+
+    def _watched(self) -> list[nn.Module]:
+        """What the monitors log: each surrogate on the plain image (comparable with the black boxes,
+        unlike the loss, which sees views and dropout), then each monitor; nothing without monitors."""
+        return [*self.recognizers, *self.monitors] if self.monitors else []
+
+    @torch.no_grad()
+    def _watch(self, image: Tensor, watched: list[Tensor]) -> Tensor:
+        """Batch-mean cos(f(X), f(X_t)) of what the monitors log: outputs only, never a gradient."""
+        pairs = zip(self._watched(), watched, strict=True)
+        return torch.stack([F.cosine_similarity(m(image).float(), t, dim=1).mean() for m, t in pairs])
 
     def _step(self, xt: Tensor, step: Tensor, gens: list[torch.Generator]) -> Tensor:
-        """X_{t+1} from eq. 9 (modulate), the Fig. 2 reading (add), or both; clipped to [0,1]."""
+        """X_{t+1} from eq. 9 (modulate), the Fig. 2 reading (add), or both; clipped to [0,1].
+
+        ``step`` is the momentum (raw) or its sign; its size is ``alpha`` or ``sign_step``."""
         nz = self.noise
+        size = self.sign_step if self.update == "sign" else self.alpha
         if not nz.enabled:
-            return (xt + self.alpha * step).clamp(0, 1)
+            return (xt + size * step).clamp(0, 1)
         n = parts.perlin_noise(
             len(xt), xt.shape[-2:], gens, nz.octaves, nz.persistence, nz.lacunarity, nz.scale, xt.device
         )
         if nz.mode == "modulate":
-            return (xt + self.alpha * n * step).clamp(0, 1)
+            return (xt + size * n * step).clamp(0, 1)
         added = nz.amplitude * (2 * n - 1)
         if nz.mode == "add":
-            return (xt + self.alpha * step + added).clamp(0, 1)
-        return (xt + self.alpha * n * step + added).clamp(0, 1)
+            return (xt + size * step + added).clamp(0, 1)
+        return (xt + size * n * step + added).clamp(0, 1)
 
     def _record(self, history: list[Tensor]) -> None:
-        rows = torch.stack(history).tolist() if history else []  # one device sync per call
-        self.last_history = {k: [r[i] for r in rows] for i, k in enumerate(("loss", "cos", "entropy"))}
+        """``last_history`` from the device rows, with one read-back."""
+        names = [getattr(f, "name", str(i)) for i, f in enumerate(self.recognizers)]
+        watched = [getattr(m, "name", f"monitor{j}") for j, m in enumerate(self.monitors)]
+        watched = [*names, *watched] if self.monitors else []
+        keys = ["loss", "cos", "entropy", *(f"cos/{n}" for n in names), *(f"monitor/{n}" for n in watched)]
+        rows = torch.stack(history).tolist() if history else []  # the one sync
+        self.last_history = {k: [r[i] for r in rows] for i, k in enumerate(keys)}

@@ -6,16 +6,18 @@ result depends only on its own seed and input.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.transforms.v2.functional import gaussian_blur
 
-from ppfr.align import ARCFACE_112
 from ppfr.errors import ConfigError
+from ppfr.template import ARCFACE_112
 
 
 def _regions() -> dict[str, tuple[tuple[tuple[float, float], float], ...]]:
@@ -38,9 +40,17 @@ SHAPES = ("ellipse", "box")
 RESCALES = ("minmax", "offset", "none")
 
 
-def generators(seeds: Tensor, device: torch.device | str) -> list[torch.Generator]:
-    """One generator per item, seeded by that item's seed (int64)."""
-    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds.tolist()]
+STREAM_SALT = 0x5DEECE66D2B7E151  # 63-bit odd constant: stream k of seed s is seeded with s ^ (k * salt)
+
+
+def generators(seeds: Tensor, device: torch.device | str, stream: int = 0) -> list[torch.Generator]:
+    """One generator per item, seeded by that item's seed (int64).
+
+    ``stream`` > 0 gives an independent stream of the same seed (``seed ^ stream * salt``), so an
+    optional part (a transfer booster) can draw without shifting the draws of the others.
+    """
+    salt = (stream * STREAM_SALT) & ((1 << 63) - 1)
+    return [torch.Generator(device=device).manual_seed(int(s) ^ salt) for s in seeds.tolist()]
 
 
 def uniform(gens: Sequence[torch.Generator], n: int, device: torch.device | str) -> Tensor:
@@ -160,6 +170,29 @@ def _fade(t: Tensor) -> Tensor:
     return t * t * t * (t * (t * 6 - 15) + 10)
 
 
+@functools.lru_cache(maxsize=16)
+def _lattice(
+    h: int, w: int, octaves: int, persistence: float, lacunarity: float, scale: float, device: torch.device
+) -> tuple[int, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The constant tensors of ``perlin_noise`` for one size, made once per device (no copy per call)."""
+    periods = [scale / lacunarity**k for k in range(octaves)]
+    grids = [(math.ceil(h / p) + 2, math.ceil(w / p) + 2) for p in periods]
+    counts = [gh * gw for gh, gw in grids]
+
+    def per_octave(values: list[float], dtype: torch.dtype = torch.float32) -> Tensor:
+        return torch.tensor(values, dtype=dtype).view(1, octaves, 1).to(device)
+
+    period = per_octave(periods)
+    base = per_octave([sum(counts[:k]) for k in range(octaves)], torch.long)[..., None, None]
+    width = per_octave([gw for _, gw in grids], torch.long)[..., None, None]
+    rows = torch.arange(h, device=device) / period  # 1 x K x H, lattice units
+    cols = torch.arange(w, device=device) / period  # 1 x K x W
+    corner_y = torch.tensor([0, 0, 1, 1]).view(1, 1, 4, 1, 1).to(device)  # the four cell corners
+    corner_x = torch.tensor([0, 1, 0, 1]).view(1, 1, 4, 1, 1).to(device)
+    amp = per_octave([persistence**k for k in range(octaves)])[..., None]
+    return sum(counts), base, width, rows, cols, corner_y, corner_x, amp
+
+
 def perlin_noise(
     batch: int,
     size: int | tuple[int, int],
@@ -176,31 +209,22 @@ def perlin_noise(
     point gets a random unit gradient, each octave a random sub-cell offset (so lattice points,
     where gradient noise is 0, do not sit at the same pixels every draw). Every call draws afresh
     from the generators: the temporal seed of the paper. All octaves and the four cell corners
-    are computed in one gather, which keeps the kernel count small on a GPU.
+    are computed in one gather, which keeps the kernel count small on a GPU; the constants are
+    cached per device, so a call makes no host-device copy and no synchronisation.
     """
     if len(gens) != batch:
         raise ValueError(f"perlin_noise: {len(gens)} generators for a batch of {batch}")
     h, w = (size, size) if isinstance(size, int) else size
-    periods = [scale / lacunarity**k for k in range(octaves)]
-    grids = [(math.ceil(h / p) + 2, math.ceil(w / p) + 2) for p in periods]
-    counts = [gh * gw for gh, gw in grids]
-    total = sum(counts)
+    total, base, width, rows, cols, cy, cx, amp = _lattice(
+        h, w, octaves, float(persistence), float(lacunarity), float(scale), torch.device(device)
+    )
     draws = uniform(gens, total + 2 * octaves, device)  # one call per item
     angles = draws[:, :total] * (2 * math.pi)  # B x (all lattice points of all octaves)
     offsets = draws[:, total:].view(batch, octaves, 2, 1)
-
-    def octave_const(values: list[float], dtype: torch.dtype = torch.float32) -> Tensor:
-        return torch.tensor(values, device=device, dtype=dtype).view(1, octaves, 1)
-
-    period = octave_const(periods)
-    base = octave_const([sum(counts[:k]) for k in range(octaves)], torch.long)[..., None, None]
-    width = octave_const([gw for _, gw in grids], torch.long)[..., None, None]
-    py = torch.arange(h, device=device) / period + offsets[:, :, 0]  # B x K x H, lattice units
-    px = torch.arange(w, device=device) / period + offsets[:, :, 1]  # B x K x W
+    py = rows + offsets[:, :, 0]  # B x K x H, lattice units
+    px = cols + offsets[:, :, 1]  # B x K x W
     fy, fx = py.frac()[:, :, None, :, None], px.frac()[:, :, None, None, :]
     iy, ix = py.long()[:, :, None, :, None], px.long()[:, :, None, None, :]
-    cy = torch.tensor([0, 0, 1, 1], device=device).view(1, 1, 4, 1, 1)  # the four corners
-    cx = torch.tensor([0, 1, 0, 1], device=device).view(1, 1, 4, 1, 1)
     idx = base + (iy + cy) * width + (ix + cx)  # B x K x 4 x H x W
     flat = idx.view(batch, -1)
     hx = angles.cos().gather(1, flat).view(idx.shape)  # the corners' unit gradients
@@ -208,7 +232,6 @@ def perlin_noise(
     dot = hx * (fx - cx) + hy * (fy - cy)  # gradient . offset from the corner
     wy, wx = _fade(fy), _fade(fx)
     weight = torch.where(cy == 1, wy, 1 - wy) * torch.where(cx == 1, wx, 1 - wx)
-    amp = octave_const([persistence**k for k in range(octaves)])[..., None]
     noise = ((dot * weight).sum(2) * amp).sum(1)  # B x H x W
     lo = noise.amin(dim=(1, 2), keepdim=True)
     hi = noise.amax(dim=(1, 2), keepdim=True)
@@ -239,22 +262,75 @@ def histogram_entropy(x: Tensor, bins: int = 64, bandwidth: float = 1.0) -> Tens
 # ---------------------------------------------------------------- boosters
 
 
-def input_diversity(x: Tensor, draws: Tensor, prob: float, scale: float, shift: float) -> Tensor:
-    """Random rescale by up to +-``scale`` and shift by up to +-``shift`` of the image, per item.
+def input_diversity(
+    x: Tensor,
+    draws: Tensor,
+    prob: float,
+    scale: float,
+    shift: float,
+    rotate: float = 0.0,
+    resample: float = 1.0,
+) -> Tensor:
+    """A random view of each item: rescale by up to +-``scale``, shift by up to +-``shift`` of the
+    image, rotate by up to +-``rotate`` degrees, after a down- and up-sampling to a random factor
+    in [``resample``, 1] of the size (1 = none).
 
-    ``draws`` is B x 4 uniforms (apply?, scale, shift x, shift y). Differentiable
-    (affine_grid/grid_sample, bilinear, border padding), so gradients reach every input pixel.
+    ``draws`` is B x 4 uniforms (apply?, scale, shift x, shift y), plus a 5th (angle) and a 6th
+    (resample factor); those two are read only when used. Differentiable (affine_grid /
+    grid_sample, bilinear, border padding), batched with a factor per item and free of host
+    synchronisation: the down-sampling is a warp that shrinks the image by the factor (so it spans
+    factor x H pixels), the up-sampling a warp that enlarges it back, folded into the jitter.
     """
-    b = x.shape[0]
     apply = (draws[:, 0] < prob).to(x.dtype)
     zoom = 1 + scale * (2 * draws[:, 1] - 1) * apply
     move = 2 * shift * (2 * draws[:, 2:4] - 1) * apply[:, None]  # normalised coords span 2
-    theta = torch.zeros(b, 2, 3, device=x.device, dtype=x.dtype)
-    theta[:, 0, 0] = 1 / zoom
-    theta[:, 1, 1] = 1 / zoom
-    theta[:, :, 2] = move
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    angle = math.radians(rotate) * (2 * draws[:, 4] - 1) * apply if rotate > 0 else torch.zeros_like(zoom)
+    cos, sin = angle.cos() / zoom, angle.sin() / zoom
+    theta = torch.stack([torch.stack([cos, -sin, move[:, 0]], 1), torch.stack([sin, cos, move[:, 1]], 1)], 1)
+    if resample < 1:
+        factor = 1 - (1 - resample) * draws[:, 5] * apply  # in [resample, 1]
+        shrink = torch.zeros_like(theta)
+        shrink[:, 0, 0] = shrink[:, 1, 1] = 1 / factor
+        x = _warp(x, shrink)
+        theta = theta * factor[:, None, None]
+    return _warp(x, theta)
+
+
+def _warp(x: Tensor, theta: Tensor) -> Tensor:
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def conv_layers(network: torch.nn.Module, positions: Sequence[float]) -> list[torch.nn.Module]:
+    """The Conv2d modules of ``network`` at relative depths ``positions`` (0 = first, 1 = last), in
+    registration order, which is forward order for the zoo's converted and native networks."""
+    convs = [m for m in network.modules() if isinstance(m, torch.nn.Conv2d)]
+    if not convs:
+        raise ConfigError(f"{type(network).__name__} has no Conv2d layer to apply feature dropout to")
+    chosen = sorted({round(float(p) * (len(convs) - 1)) for p in positions})
+    return [convs[i] for i in chosen]
+
+
+@contextmanager
+def feature_dropout(
+    layers: Sequence[torch.nn.Module], rate: float, gens: Sequence[torch.Generator]
+) -> Iterator[None]:
+    """While active, each of ``layers`` drops its output elements with probability ``rate``
+    (scaled by 1/(1-rate)); item b's masks come from ``gens[b]``. A batch of k x B rows (k views
+    stacked view after view) gets k masks per item."""
+
+    def hook(module: torch.nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> Tensor:
+        views = out.shape[0] // len(gens)
+        shape = (views, *out.shape[1:])
+        u = torch.stack([torch.rand(shape, generator=g, device=out.device) for g in gens], 1)
+        return out * (u.flatten(0, 1) >= rate).to(out.dtype) / (1 - rate)
+
+    handles = [layer.register_forward_hook(hook) for layer in layers] if rate > 0 else []
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def model_dropout(draws: Tensor, q: float) -> Tensor:

@@ -1,61 +1,66 @@
 """The recognizer zoo: every usable model of `<models_dir>/models.json` plus PyTorch architectures
-for checkpoints users bring (`weights`: name -> file).
+for checkpoints users bring (`weights`: name -> file), registered in `RECOGNIZERS`.
 
-    rec = create("mobilefacenet_tf", models_dir)       # ONNX, from the catalog
+    rec = create("mobilefacenet_tf", models_dir)                   # native module, weights from the ONNX file
+    rec = create("mobilefacenet_tf", models_dir, backend="onnx")   # the same file through onnx2torch
     rec = create("iresnet50", weights="r50/backbone.pth")
-    emb = rec(crops)                                    # B x 3 x 112 x 112 in [0, 1] -> unit B x D
+    emb = rec(crops)                                                # B x 3 x 112 x 112 in [0, 1] -> unit B x D
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ppfr.errors import ConfigError
-from ppfr.recognizers.base import Recognizer
-from ppfr.recognizers.facenet import create_facenet
-from ppfr.recognizers.iresnet import LAYERS, create_iresnet
-from ppfr.recognizers.onnx import create_onnx, load_catalog
+from ppfr.recognizers import facenet, iresnet  # noqa: F401  (they register themselves)
+from ppfr.recognizers.base import RECOGNIZERS, Recognizer
+from ppfr.recognizers.onnx import BACKENDS, create_onnx, load_catalog
 
-__all__ = ["Recognizer", "available", "check_disjoint", "create", "create_many"]
-
-# PyTorch architectures: they need a user's weight file.
-TORCH: dict[str, Callable[[str, str | Path], Recognizer]] = {
-    **{name: create_iresnet for name in LAYERS},
-    "facenet": create_facenet,
-}
+__all__ = ["BACKENDS", "RECOGNIZERS", "Recognizer", "available", "check_disjoint", "create", "create_many"]
 
 
 def available(models_dir: str | Path | None) -> list[str]:
     """Usable ONNX models of the catalog, then the PyTorch architectures."""
     onnx_names = list(load_catalog(models_dir)) if models_dir is not None else []
-    return onnx_names + list(TORCH)
+    return onnx_names + RECOGNIZERS.names()
 
 
-def create(name: str, models_dir: str | Path | None = None, weights: str | Path | None = None) -> Recognizer:
-    """One recognizer by name: an ONNX model from `models_dir`, or a PyTorch architecture with `weights`."""
-    if name in TORCH:
+def create(
+    name: str,
+    models_dir: str | Path | None = None,
+    weights: str | Path | None = None,
+    backend: str = "native",
+) -> Recognizer:
+    """One recognizer by name: an ONNX model from `models_dir` (run by `backend`: native or onnx),
+    or a PyTorch architecture with `weights`."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"recognizer.backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+    if name in RECOGNIZERS:
         if weights is None:
             raise ConfigError(
                 f"recognizer {name!r} is a PyTorch architecture and needs a weight file: set recognizer.weights.{name}=<path>"
             )
-        return TORCH[name](name, weights)
+        return RECOGNIZERS.create(name, name, weights)
     if models_dir is None:
         raise ConfigError(f"recognizer {name!r}: set recognizer.models_dir (the folder holding models.json)")
     catalog = load_catalog(models_dir)
     if name not in catalog:
-        raise ConfigError(f"unknown recognizer {name!r}; available: {', '.join(available(models_dir))}")
+        raise ConfigError(
+            f"{RECOGNIZERS.key}: unknown recognizer {name!r}; available: {', '.join(available(models_dir))}"
+        )
     if weights is not None:
         raise ConfigError(
-            f"recognizer {name!r} is an ONNX model of {models_dir}; weights apply to {', '.join(TORCH)} only"
+            f"recognizer {name!r} is an ONNX model of {models_dir}; weights apply to {', '.join(RECOGNIZERS.names())} only"
         )
-    return create_onnx(catalog[name], models_dir)
+    return create_onnx(catalog[name], models_dir, backend)
 
 
 def create_many(
     names: str | Sequence[str],
     models_dir: str | Path | None,
     weights: Mapping[str, str | Path] | None = None,
+    backend: str = "native",
 ) -> list[Recognizer]:
     """Several recognizers; `names="all"` means every usable ONNX model of the catalog."""
     if names == "all":
@@ -70,7 +75,7 @@ def create_many(
     if repeated:
         raise ConfigError(f"recognizer names list {', '.join(repeated)} more than once")
     weights = weights or {}
-    return [create(n, models_dir, weights.get(n)) for n in names]
+    return [create(n, models_dir, weights.get(n), backend) for n in names]
 
 
 def check_disjoint(ensemble: Sequence[Recognizer], blackbox: Sequence[Recognizer]) -> None:

@@ -7,6 +7,7 @@ flow from the embedding back to the shared 112x112 crop.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,10 +16,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ppfr.align import ARCFACE_112, similarity_transform
 from ppfr.errors import ModelError
+from ppfr.registry import Registry
+from ppfr.template import ARCFACE_112, similarity_transform
 
 CROP_SIZE = 112  # the datamodules' crops: ArcFace 5-point template, 112x112
+
+_hashes: dict[tuple[str, int, int], str] = {}  # (path, mtime_ns, size) -> sha256, per process
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, computed once per (path, mtime, size) in this process."""
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _hashes:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _hashes[key] = digest.hexdigest()
+    return _hashes[key]
 
 
 def _pixel_to_normalised(size: tuple[int, int]) -> np.ndarray:
@@ -52,7 +70,8 @@ class Recognizer(nn.Module):
     B x embedding_dim float32 unit vectors. Preprocessing, in order: warp to the model's own
     geometry (skipped when identical), channel order, then `(255 * x - mean) / std` per channel
     of the network's input order. `family` groups siblings (fine-tuned variants of one model),
-    which never count as independent black boxes. `threshold` is None until calibrated.
+    which never count as independent black boxes. `sha256` is the weight file's hash: what
+    calibrated thresholds and resumed runs are keyed on, whichever backend runs the network.
     """
 
     def __init__(
@@ -66,12 +85,14 @@ class Recognizer(nn.Module):
         bgr: bool = False,
         mean: Sequence[float] = (0.0, 0.0, 0.0),
         std: Sequence[float] = (1.0, 1.0, 1.0),
+        *,
+        sha256: str,
     ) -> None:
         super().__init__()
         self.name = name
         self.embedding_dim = embedding_dim
         self.family = family or name
-        self.threshold: float | None = None
+        self.sha256 = sha256
         self.input_size = (int(input_size[0]), int(input_size[1]))
         self.bgr = bgr
         self.network = network.eval().requires_grad_(False)
@@ -110,6 +131,11 @@ class Recognizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, embedding_dim={self.embedding_dim}, family={self.family!r}, input_size={self.input_size}"
+
+
+# PyTorch architectures built from a user's checkpoint, builder(name, weights) -> Recognizer
+# (iresnet*, facenet). The models of models.json are not registered: they come from the catalog.
+RECOGNIZERS: Registry[Recognizer] = Registry("recognizer", key="recognizer.names")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from facenet_pytorch import InceptionResnetV1
 
-from ppfr.recognizers.base import Recognizer, fit_state_dict, load_checkpoint
+from ppfr.recognizers.base import RECOGNIZERS, Recognizer, file_sha256, fit_state_dict, load_checkpoint
 
 INPUT = 160
 MARGIN = 14.0
@@ -33,6 +33,7 @@ def box_affine() -> np.ndarray:
     return np.array([[sx, 0, centre - sx * BOX_CENTRE[0]], [0, sy, centre - sy * BOX_CENTRE[1]]])
 
 
+@RECOGNIZERS.register("facenet")
 def create_facenet(name: str, weights: str | Path) -> Recognizer:
     """InceptionResnetV1 from a facenet-pytorch state dict (its classification head is dropped)."""
     state = {k: v for k, v in load_checkpoint(weights).items() if not k.startswith("logits.")}
@@ -46,4 +47,5 @@ def create_facenet(name: str, weights: str | Path) -> Recognizer:
         affine=box_affine(),
         mean=(127.5, 127.5, 127.5),
         std=(128.0, 128.0, 128.0),
+        sha256=file_sha256(weights),
     )

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from ppfr.recognizers.base import Recognizer, fit_state_dict, load_checkpoint
+from ppfr.recognizers.base import RECOGNIZERS, Recognizer, file_sha256, fit_state_dict, load_checkpoint
 
 LAYERS = {
     "iresnet18": (2, 2, 2, 2),
@@ -77,5 +77,14 @@ def create_iresnet(name: str, weights: str | Path) -> Recognizer:
     network = IResNet(LAYERS[name], num_features=fc.shape[0] if fc is not None and fc.ndim == 2 else 512)
     fit_state_dict(network, state, weights)
     return Recognizer(
-        name, network, network.fc.out_features, mean=(127.5, 127.5, 127.5), std=(127.5, 127.5, 127.5)
+        name,
+        network,
+        network.fc.out_features,
+        mean=(127.5, 127.5, 127.5),
+        std=(127.5, 127.5, 127.5),
+        sha256=file_sha256(weights),
     )
+
+
+for _depth in LAYERS:
+    RECOGNIZERS.register(_depth)(create_iresnet)

@@ -15,10 +15,7 @@ from ppfr.run import Run, format_table
 
 
 def run(cfg: DictConfig, run: Run) -> dict[str, Any]:
-    dm = datamodules.create(OmegaConf.to_container(cfg.data, resolve=True))
-    dm.prepare_data()
-    dm.setup()
-    report = dm.report
+    report = datamodules.create(OmegaConf.to_container(cfg.data, resolve=True)).report  # aligns
     rows = [
         ["images", report["images"]],
         ["identities", report["identities"]],
@@ -30,6 +27,7 @@ def run(cfg: DictConfig, run: Run) -> dict[str, Any]:
         ["pairs dropped", report["pairs_dropped"]],
         ["cache hits / misses", f"{report['cache_hits']} / {report['cache_misses']}"],
         ["alignment s (images/s)", f"{report['seconds']} ({report['images_per_s']})"],
+        ["torch threads (alignment)", report["torch_threads"]],
     ]
     print(f"data_check: {report['dataset']} at {report['root']}")
     print(format_table(["", "value"], rows))

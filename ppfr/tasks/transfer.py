@@ -1,0 +1,197 @@
+"""experiment=transfer: do recognizers the protection never saw still match the protected faces?
+
+For each held-out model (`transfer.heldout`; default: every model of `recognizer.names`, the
+independent zoo) the faces are protected with an ensemble that leaves it and its siblings out
+(default: all the other models of `recognizer.names`; `transfer.ensemble` fixes one), and that
+model alone is measured on the set: match at its calibrated threshold with a 95 % Wilson
+interval, mean cos, impostor FAR with protected and clean probes, SSIM, PSNR and images/s.
+
+The held-out model also watches the ascent: its cos(f(X), f(X_t)) every `transfer.monitor_every`
+steps, computed without gradients and never fed back. `transfer_curves.csv` holds it beside each
+surrogate's cos per step (`images/transfer_curves.png` too, where matplotlib is installed).
+
+Each held-out model gets its own protected set, `<run_dir>/protected/<name>`, resumable like
+experiment=protect: rerun the same command with the same `run_dir=` after a crash.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from scipy.stats import binomtest
+
+import datamodules
+from ppfr import recognizers
+from ppfr.config import to_dict
+from ppfr.devices import device as device_of
+from ppfr.errors import ConfigError
+from ppfr.evaluate import blackbox_metrics, embed_sets, log_grid
+from ppfr.generate import ProtectedSet, build_method, generate
+from ppfr.run import Run, format_table
+from ppfr.verification import find_calibration, measured_on
+
+COLUMNS = ["held out", "match", "95% CI", "n", "cos", "thr", "FAR prot", "FAR clean", "SSIM", "PSNR",
+           "images/s", "ensemble"]  # fmt: skip
+
+
+def wilson(k: int, n: int) -> tuple[float, float]:
+    """The 95 % Wilson score interval of k successes in n trials."""
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def _names(value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _curve_rows(name: str, curve: dict[str, Any]) -> list[list[Any]]:
+    """Long-format rows (held out, step, series, cos): each model's cos on the plain image at the
+    watched steps (the held-out one marked), and each surrogate's as the loss saw it at every step."""
+    rows = []
+    for j, key in enumerate(curve["keys"]):
+        kind, _, model = key.partition("/")
+        if kind == "monitor":
+            series = f"{model} (held out)" if model == name else model
+        elif kind == "cos" and model:
+            series = f"{model} (loss view)"
+        else:
+            continue
+        rows += [[name, int(r[0]), series, r[j + 1]] for r in curve["rows"] if r[j + 1] is not None]
+    return rows
+
+
+def _plot(path: Path, curves: dict[str, dict[str, Any]], thresholds: dict[str, float]) -> bool:
+    """The cos curves, one panel per held-out model; False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.4), squeeze=False, sharey=True)
+    for ax, (name, curve) in zip(axes[0], curves.items(), strict=True):
+        lines: dict[str, list[tuple[int, float]]] = {}
+        for _, step, series, cos in _curve_rows(name, curve):
+            if not series.endswith("(loss view)"):
+                lines.setdefault(series, []).append((step, cos))
+        for series, points in lines.items():
+            held = series.endswith("(held out)")
+            ax.plot(
+                *zip(*points, strict=True), "k-o" if held else "-", lw=2 if held else 1, ms=3, label=series
+            )
+        ax.axhline(thresholds[name], color="k", ls="--", lw=1, label=f"{name} threshold")
+        ax.set_title(f"held out: {name}", fontsize=9)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("cos(f(X), f(X_t))")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def run(cfg: DictConfig, run: Run) -> dict[str, Any]:
+    t = cfg.transfer
+    for key, value, least in (("faces", t.faces, 1), ("monitor_every", t.monitor_every, 1)):
+        if value is not None and (type(value) is not int or value < least):
+            raise ConfigError(f"transfer.{key}={value!r}: expected an integer >= {least}")
+    models_dir, weights = cfg.recognizer.models_dir, to_dict(cfg.recognizer.weights)
+    names = cfg.recognizer.names if isinstance(cfg.recognizer.names, str) else list(cfg.recognizer.names)
+    zoo = {r.name: r for r in recognizers.create_many(names, models_dir, weights)}
+    pool = list(zoo)
+    heldout, fixed = _names(t.heldout) or pool, _names(t.ensemble)
+    missing = [n for n in dict.fromkeys([*heldout, *(fixed or [])]) if n not in zoo]
+    zoo.update({r.name: r for r in recognizers.create_many(missing, models_dir, weights)})
+
+    dm = datamodules.create(to_dict(cfg.data))
+    faces = list(range(len(dm.dataset)))[: t.faces]
+    if not faces:
+        raise ConfigError(f"data={cfg.data.name}: no faces to protect")
+    ids = [dm.dataset.ids[i] for i in faces]
+    device = device_of(cfg)
+
+    done: dict[str, Any] = dict(run.results.get("transfer", {}).get("heldout", {}))  # a resumed run's
+    rows, curves, thresholds, is_main = [], {}, {}, True
+    for name in heldout:
+        box = zoo[name]
+        ensemble = [zoo[n] for n in fixed] if fixed else [zoo[n] for n in pool if zoo[n].family != box.family]
+        if not ensemble:
+            raise ConfigError(f"transfer: no surrogate left for held-out {name!r}; set transfer.ensemble")
+        method, method_cfg, models, _ = build_method(cfg, ensemble, monitors=[box])
+        out = ProtectedSet(Path(run.dir) / "protected" / name, cfg.generate.shard_size)
+        digest = out.bind(method_cfg, cfg.seed, dm.dataset.ids, models, data=to_dict(cfg.data))
+        print(f"transfer: held out {name}, ensemble {[r.name for r in ensemble]}")
+        gen = generate(cfg, run, dm, method, out, digest, faces, curve_key=f"convergence_{name}")
+        curve = done.get(name, {}).get("curve")
+        if gen.curve.rows:
+            watched = [[None if v != v else v for v in row] for row in gen.curve.rows]  # nan: not watched
+            curve = {"keys": gen.curve.keys, "rows": watched}
+        if gen.records is None:
+            is_main = False
+            continue  # rank 0 evaluates; the others go on to protect the next set with it
+        records = gen.records
+
+        entry = find_calibration(
+            cfg.calibration_file, measured_on(cfg, box), cfg.eval.threshold_source == "nearest"
+        )
+        thresholds[name] = float(entry["threshold"])
+        image, clean, prot = embed_sets(
+            dm,
+            records,
+            out.dir,
+            [box.to(device)],
+            cfg.eval.batch_size,
+            device,
+            flip=bool(entry["measured_on"]["flip"]),  # embed as the threshold was measured
+        )
+        labels = torch.tensor([r["label"] for r in records])
+        m = blackbox_metrics(clean[name], prot[name], labels, thresholds[name])
+        n = len(records)
+        low, high = wilson(round(m["match"] * n), n)
+        speed = gen.images_per_s or done.get(name, {}).get("images_per_s")
+        done[name] = {
+            "ensemble": [r.name for r in ensemble],
+            "n": n,
+            **{k: m[k] for k in ("match", "cos_mean", "threshold", "far_protected", "far_clean")},
+            "match_ci95": [low, high],
+            "ssim": image["ssim"],
+            "psnr": image["psnr"],
+            "images_per_s": speed,
+            "generated_now": gen.generated_now,
+            "out_dir": str(out.dir),
+            "curve": curve,
+        }
+        row = done[name]
+        rows.append(
+            [name, row["match"], f"{low:.3f}-{high:.3f}", n, row["cos_mean"], row["threshold"],
+             row["far_protected"], row["far_clean"], row["ssim"], row["psnr"],
+             round(speed, 3) if speed else "", "+".join(row["ensemble"])]
+        )  # fmt: skip
+        if curve:
+            curves[name] = curve
+        run.add_results(transfer={"heldout": done})
+        run.log_metrics({f"transfer/{name}/{k}": v for k, v in row.items() if isinstance(v, float)})
+        log_grid(run, dm, out, records[: cfg.eval.grid], key=f"transfer/grid_{name}")
+    if not is_main:
+        return {}
+
+    matches = [done[n]["match"] for n in heldout]
+    summary = {"match_mean": sum(matches) / len(matches), "match_min": min(matches), "faces": len(ids)}
+    print(format_table(COLUMNS, rows))
+    run.log_table("transfer/table", COLUMNS, rows)
+    curve_rows = [r for name, curve in curves.items() for r in _curve_rows(name, curve)]
+    run.log_table("transfer/curves", ["held out", "step", "series", "cos"], curve_rows)
+    plot = Path(run.dir) / "images" / "transfer_curves.png"
+    plotted = bool(curves) and _plot(plot, curves, thresholds)
+    if curves and not plotted:
+        print("transfer: matplotlib is not installed; the curves are in transfer_curves.csv only")
+    results = {"transfer": {"heldout": done, "summary": summary, "plot": str(plot) if plotted else None}}
+    run.add_results(**results)
+    return results

@@ -1,0 +1,72 @@
+"""Generation in several processes started outside Lightning (torchrun) and by Lightning's own DDP
+launcher: every rank writes into one run directory, chosen by rank 0, and the set is complete.
+
+Two CPU processes talking over gloo; no `run_dir`, so each process would pick its own timestamp.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ppfr.generate import safe_name
+
+ROOT = Path(__file__).resolve().parents[1]
+RANK_VARIABLES = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "NODE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "SLURM_PROCID",
+)
+
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
+    "lightning": [sys.executable],  # strategy=ddp: Lightning starts the second process itself
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_ranks_write_one_complete_set(launcher, faces_mini, models_dir, align_cache, tmp_path):
+    outputs = tmp_path / "outputs"
+    args = [
+        "-m", "ppfr.fit", "experiment=protect", "data=lfw", f"data.root={faces_mini / 'lfw'}",
+        "data.subset.pairs=2", f"data.cache_dir={align_cache}", f"paths.models={models_dir}",
+        "protect.steps=2", "generate.batch_size=1", "trainer=cpu", "trainer.devices=2",
+        "trainer.strategy=ddp", "logger=csv", f"paths.outputs={outputs}", "eval.enabled=false", "eval.grid=2",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [*LAUNCHERS[launcher], *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    run_dirs = list((outputs / "protect").iterdir())
+    assert len(run_dirs) == 1, run_dirs  # not one per rank
+    run_dir = run_dirs[0]
+    results = json.loads((run_dir / "results.json").read_text())
+    gen = results["generation"]
+    assert results["status"] == "ok" and gen["images"] == gen["generated_now"] == 4
+    out = Path(gen["out_dir"])
+    assert out == run_dir / "protected"
+    manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len({r["id"] for r in manifest}) == len(manifest) == 4
+    assert all((out / r["path"]).is_file() for r in manifest)
+    assert sorted(p.name.rsplit("-", 1)[1] for p in (out / "parts").glob("*.jsonl")) == [
+        "rank0.jsonl",
+        "rank1.jsonl",
+    ]  # both ranks wrote their share into the same set
+    assert len({p.name.rsplit("-", 1)[0] for p in (out / "parts").glob("*.jsonl")}) == 1  # one attempt
+    first = sorted(manifest, key=lambda r: r["index"])[:2]
+    assert all((out / "grid" / f"{safe_name(r['id'])}.{s}.png").is_file() for r in first for s in "FC")
+    curve = (run_dir / "convergence.csv").read_text().splitlines()
+    assert len(curve) == 1 + 2  # the curve gathered from both ranks, one row per step

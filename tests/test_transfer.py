@@ -1,0 +1,173 @@
+"""Transfer boosters and experiment=transfer, on real aligned faces and real recognizers (CPU, few steps)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ppfr import recognizers
+from ppfr.align import Aligner
+from ppfr.errors import ConfigError
+from ppfr.fit import main
+from ppfr.protect.lfsa import LFSA
+from ppfr.tasks.transfer import wilson
+
+SURROGATES = ["mobilefacenet_relu6", "faceplugin_mobilefacenet"]
+SEEDS = torch.tensor([21, 22])
+
+# Each booster on, and the same booster off with its other keys changed: off must change nothing.
+BOOSTERS = {
+    "feature_dropout": ({"rate": 0.05, "layers": [0.3, 0.7]}, {"rate": 0.0, "layers": [0.1, 0.9]}),
+    "views": ({"k": 2, "rotate": 10.0, "resample": 0.5}, {"k": 0, "rotate": 30.0, "resample": 0.3}),
+    "variance_tuning": ({"n": 2, "radius": 0.05}, {"n": 0, "radius": 0.2}),
+    "margin": (
+        {"enabled": True, "temperature": 0.05, "stop_margin": 0.0},
+        {"enabled": False, "temperature": 1.0, "stop_margin": 0.5},
+    ),
+    "lowres": ({"size": 28, "weight": 1.0}, {"size": 0, "weight": 3.0}),
+    "ti_kernel": (9, 0),
+}
+
+
+@pytest.fixture(scope="module")
+def faces(faces_mini, align_cache) -> torch.Tensor:
+    """Two real aligned LFW faces of different people."""
+    with open(faces_mini / "lfw" / "manifest.csv") as f:
+        rows = list(csv.DictReader(f))
+    first: dict[str, str] = {}
+    for row in rows:
+        first.setdefault(row["identity"], row["relative_path"])
+    aligner = Aligner(cache_dir=align_cache, on_no_face="center_crop")
+    crops = np.stack([aligner.align(faces_mini / "lfw" / p).crop for p in list(first.values())[:2]])
+    return torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255
+
+
+@pytest.fixture(scope="module")
+def zoo(models_dir) -> dict[str, recognizers.Recognizer]:
+    names = [*SURROGATES, "mobilefacenet_tf"]
+    return {r.name: r for r in recognizers.create_many(names, models_dir)}
+
+
+def protect(zoo, faces, boosters=None, **kwargs) -> torch.Tensor:
+    """Two steps from the same seeds: the second update follows the gradient the booster changed."""
+    method = LFSA([zoo[n] for n in SURROGATES], steps=2, boosters=boosters, thresholds=[0.3, 0.3], **kwargs)
+    return method(faces, SEEDS)
+
+
+@pytest.fixture(scope="module")
+def plain(zoo, faces) -> torch.Tensor:
+    return protect(zoo, faces)
+
+
+@pytest.mark.parametrize("booster", list(BOOSTERS))
+def test_booster_changes_the_ascent_only_when_on(booster, zoo, faces, plain):
+    on, off = BOOSTERS[booster]
+    # A booster draws from its own generator stream, so the method's other draws (fill, Perlin
+    # noise) stay the same: any change comes from the update direction.
+    torch.testing.assert_close(protect(zoo, faces, {booster: off}), plain, atol=0, rtol=0)
+    boosted = protect(zoo, faces, {booster: on})
+    assert boosted.shape == plain.shape and boosted.min() >= 0 and boosted.max() <= 1
+    assert (boosted - plain).abs().mean() > 1e-4, booster
+
+
+def test_feature_dropout_leaves_the_surrogates_as_they_were(zoo, faces):
+    before = zoo[SURROGATES[0]](faces)
+    protect(zoo, faces, {"feature_dropout": {"rate": 0.1, "layers": [0.0, 0.5, 1.0]}})
+    assert not any(m._forward_hooks for r in zoo.values() for m in r.modules())
+    torch.testing.assert_close(zoo[SURROGATES[0]](faces), before)
+
+
+def test_margin_weights_follow_the_thresholds(zoo, faces):
+    """A surrogate already past its threshold + stop_margin stops pulling: with thresholds -1 (always
+    past) and 1 (never) the ensemble ascends like the second surrogate alone."""
+    surrogates = [zoo[n] for n in SURROGATES]
+    margin = {"margin": {"enabled": True, "stop_margin": 0.1}}
+    weighted = LFSA(surrogates, steps=2, boosters=margin, thresholds=[-1.0, 1.0])(faces, SEEDS)
+    second = LFSA(surrogates, steps=2, betas=[0.0, 1.0])(faces, SEEDS)
+    torch.testing.assert_close(weighted, second, atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="boosters.margin: needs the surrogates' calibrated thresholds"):
+        LFSA(surrogates, boosters=margin)
+
+
+def test_monitors_watch_without_changing_the_result(zoo, faces, plain):
+    method = LFSA(
+        [zoo[n] for n in SURROGATES],
+        steps=3,
+        thresholds=[0.3, 0.3],
+        monitors=[zoo["mobilefacenet_tf"]],
+        monitor_every=2,
+    )
+    out = method(faces, SEEDS)
+    history = method.last_history
+    box = history["monitor/mobilefacenet_tf"]
+    assert [math.isnan(v) for v in box] == [False, True, False]  # steps 0, 2 (every 2) and the last
+    assert all(-1 <= v <= 1 for v in box if not math.isnan(v))
+    assert set(history) >= {f"monitor/{n}" for n in SURROGATES} | {f"cos/{n}" for n in SURROGATES}
+    assert all(len(v) == 3 for v in history.values())
+    quiet = LFSA([zoo[n] for n in SURROGATES], steps=3, thresholds=[0.3, 0.3])
+    torch.testing.assert_close(out, quiet(faces, SEEDS), atol=0, rtol=0)  # outputs only, no gradient
+    with pytest.raises(ConfigError, match="monitor must be a model outside the ensemble"):
+        LFSA([zoo[n] for n in SURROGATES], monitors=[zoo[SURROGATES[0]]])
+
+
+def test_wilson_interval():
+    low, high = wilson(64, 64)
+    assert high == pytest.approx(1.0) and low == pytest.approx(0.9434, abs=1e-3)
+    low, high = wilson(1, 2)
+    assert low < 0.5 < high
+
+
+@pytest.mark.slow
+def test_transfer_experiment_writes_its_table_and_resumes(faces_mini, models_dir, align_cache, tmp_path):
+    common = [
+        "data=lfw",
+        f"data.root={faces_mini / 'lfw'}",
+        "data.subset.pairs=6",
+        f"data.cache_dir={align_cache}",
+        f"paths.models={models_dir}",
+        f"recognizer=[{','.join(SURROGATES)}]",
+        f"calibration_file={tmp_path / 'calibration.json'}",
+        "logger=csv",
+        "trainer=cpu",
+    ]
+    main(["experiment=verify", *common, f"run_dir={tmp_path / 'verify'}"])
+    args = [
+        "experiment=transfer",
+        *common,
+        f"run_dir={tmp_path / 'transfer'}",
+        "transfer.faces=2",
+        "transfer.monitor_every=2",
+        "protect.steps=3",
+        "protect.boosters.margin.enabled=true",  # the surrogates' thresholds come from the file too
+        "generate.batch_size=2",
+        "eval.grid=2",
+        "seed=0",
+    ]
+    results = main(args)
+    run = tmp_path / "transfer"
+    heldout = results["transfer"]["heldout"]
+    assert set(heldout) == set(SURROGATES)
+    for name, row in heldout.items():
+        assert name not in row["ensemble"] and row["ensemble"]  # every other model, never the black box
+        assert row["n"] == 2 and row["generated_now"] == 2 and row["images_per_s"] > 0
+        low, high = row["match_ci95"]
+        assert 0 <= low <= row["match"] <= high <= 1
+        assert 0 < row["ssim"] < 0.9 and row["psnr"] > 0 and -1 <= row["cos_mean"] <= 1
+        assert f"monitor/{name}" in row["curve"]["keys"] and len(row["curve"]["rows"]) == 3
+        assert len((run / "protected" / name / "manifest.jsonl").read_text().splitlines()) == 2
+        assert (run / "images" / f"transfer_grid_{name}.png").is_file()
+    table = list(csv.reader((run / "transfer_table.csv").read_text().splitlines()))
+    assert table[0][:3] == ["held out", "match", "95% CI"] and {r[0] for r in table[1:]} == set(SURROGATES)
+    curves = list(csv.DictReader((run / "transfer_curves.csv").read_text().splitlines()))
+    assert {r["series"] for r in curves} >= {f"{n} (held out)" for n in SURROGATES}
+    assert json.loads((run / "results.json").read_text())["transfer"]["summary"]["faces"] == 2
+    # The same command again finds both sets finished: nothing is generated, the numbers stay.
+    again = main(args)["transfer"]["heldout"]
+    for name, row in again.items():
+        assert row["generated_now"] == 0 and row["match"] == heldout[name]["match"]
+        assert row["curve"] == heldout[name]["curve"]
