@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from ppfr import recognizers
@@ -152,8 +152,7 @@ def evaluate_set(
     check_records(cfg, dm, protected_set, records)
     device = device_of(cfg)
     if blackbox is None:
-        weights = OmegaConf.to_container(cfg.recognizer.weights, resolve=True)
-        blackbox = recognizers.create_many(list(cfg.eval.blackbox), cfg.recognizer.models_dir, weights)
+        blackbox = recognizers.from_config(list(cfg.eval.blackbox), cfg.recognizer)
     blackbox = [r.to(device) for r in blackbox]
 
     entries = {rec.name: calibration(cfg, rec) for rec in blackbox}

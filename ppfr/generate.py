@@ -66,13 +66,11 @@ def build_method(
     from ppfr.verification import load_threshold
 
     method_cfg = to_dict(cfg.protect)
-    rec = cfg.recognizer
-    weights = to_dict(rec.weights)
     if ensemble is None:
-        ensemble = recognizers.create_many(method_cfg.get("ensemble") or [], rec.models_dir, weights)
+        ensemble = recognizers.from_config(method_cfg.get("ensemble") or [], cfg.recognizer)
     elif ensemble:
         method_cfg["ensemble"] = [r.name for r in ensemble]
-    blackbox = recognizers.create_many(list(cfg.eval.blackbox), rec.models_dir, weights)
+    blackbox = recognizers.from_config(list(cfg.eval.blackbox), cfg.recognizer)
     recognizers.check_disjoint(ensemble, [*blackbox, *monitors])
     if ((method_cfg.get("boosters") or {}).get("margin") or {}).get("enabled"):
         method_cfg["thresholds"] = [load_threshold(cfg, r) for r in ensemble]

@@ -11,13 +11,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from ppfr.errors import ConfigError
 from ppfr.recognizers import facenet, iresnet  # noqa: F401  (they register themselves)
 from ppfr.recognizers.base import RECOGNIZERS, Recognizer
 from ppfr.recognizers.onnx import BACKENDS, create_onnx, load_catalog
 
-__all__ = ["BACKENDS", "RECOGNIZERS", "Recognizer", "available", "check_disjoint", "create", "create_many"]
+__all__ = [
+    "BACKENDS",
+    "RECOGNIZERS",
+    "Recognizer",
+    "available",
+    "check_disjoint",
+    "create",
+    "create_many",
+    "from_config",
+]
 
 
 def available(models_dir: str | Path | None) -> list[str]:
@@ -89,3 +99,9 @@ def check_disjoint(ensemble: Sequence[Recognizer], blackbox: Sequence[Recognizer
                     f"black box {box.name!r} and ensemble member {member.name!r} are siblings "
                     f"(family {box.family!r}): a black box must be independent of the ensemble"
                 )
+
+
+def from_config(names: str | Sequence[str], cfg: Mapping[str, Any]) -> list[Recognizer]:
+    """Recognizers by name as the run's `recognizer.*` node configures them (models_dir, weights, backend)."""
+    weights = {str(k): v for k, v in (cfg.get("weights") or {}).items()}
+    return create_many(names, cfg.get("models_dir"), weights, backend=cfg.get("backend", "native"))

@@ -2,8 +2,9 @@
 
 Two backends turn a graph into ordinary modules (input gradients, autocast and `.to(device)` work
 as for any network): `native` (ppfr.recognizers.native: fused modules with the file's weights,
-several times faster on CPU) for the shared architectures it knows, and `onnx` (onnx2torch,
-node by node) for these and any other graph. Both match onnxruntime (cos >= 0.9999).
+1.2-9x faster forward+backward on CPU, bench/recognizers.py) for the shared architectures it
+knows, and `onnx` (onnx2torch, node by node) for these and any other graph. Both match
+onnxruntime (cos >= 0.9999, tests/test_native.py).
 """
 
 from __future__ import annotations

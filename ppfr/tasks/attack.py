@@ -43,7 +43,7 @@ def surrogate(cfg: DictConfig, blackbox: list[recognizers.Recognizer]) -> recogn
             f"attack.identity_loss.recognizer={name} is a black box of eval.blackbox: the attacker must not "
             "train through the recognizer that judges re-identification"
         )
-    rec = recognizers.create(name, cfg.recognizer.models_dir, to_dict(cfg.recognizer.weights).get(name))
+    (rec,) = recognizers.from_config([name], cfg.recognizer)
     try:
         recognizers.check_disjoint([rec], blackbox)
     except ConfigError as err:

@@ -45,9 +45,7 @@ def build(cfg: DictConfig, classes: int) -> tuple[MethodTrainer, dict[str, Any]]
     kwargs: dict[str, Any] = {}
     if "recognizers" in inspect.signature(cls).parameters:
         names = list(cfg.protect.get("ensemble") or [])
-        kwargs["recognizers"] = recognizers.create_many(
-            names, cfg.recognizer.models_dir, to_dict(cfg.recognizer.weights)
-        )
+        kwargs["recognizers"] = recognizers.from_config(names, cfg.recognizer)
     schedule = schedules[name]
     return cls(to_dict(cfg.protect), schedule, classes, int(cfg.train.stage), **kwargs), schedule
 

@@ -102,13 +102,12 @@ def run(cfg: DictConfig, run: Run) -> dict[str, Any]:
     for key, value, least in (("faces", t.faces, 1), ("monitor_every", t.monitor_every, 1)):
         if value is not None and (type(value) is not int or value < least):
             raise ConfigError(f"transfer.{key}={value!r}: expected an integer >= {least}")
-    models_dir, weights = cfg.recognizer.models_dir, to_dict(cfg.recognizer.weights)
     names = cfg.recognizer.names if isinstance(cfg.recognizer.names, str) else list(cfg.recognizer.names)
-    zoo = {r.name: r for r in recognizers.create_many(names, models_dir, weights)}
+    zoo = {r.name: r for r in recognizers.from_config(names, cfg.recognizer)}
     pool = list(zoo)
     heldout, fixed = _names(t.heldout) or pool, _names(t.ensemble)
     missing = [n for n in dict.fromkeys([*heldout, *(fixed or [])]) if n not in zoo]
-    zoo.update({r.name: r for r in recognizers.create_many(missing, models_dir, weights)})
+    zoo.update({r.name: r for r in recognizers.from_config(missing, cfg.recognizer)})
 
     dm = datamodules.create(to_dict(cfg.data))
     faces = list(range(len(dm.dataset)))[: t.faces]

@@ -43,7 +43,7 @@ def run(cfg: DictConfig, run: Run) -> dict[str, Any]:
 
     results: dict[str, Any] = {}
     rows = []
-    for rec in recognizers.create_many(names, rec_cfg.models_dir, to_dict(rec_cfg.weights)):
+    for rec in recognizers.from_config(names, rec_cfg):
         start = time.perf_counter()
         emb = embed(rec, loader, bool(rec_cfg.flip), where)
         images_per_s = len(emb) / (time.perf_counter() - start)  # an image and its flip count once
