@@ -189,6 +189,11 @@ def training_pairs(
     if count < 2:
         raise ConfigError(f"attack.pairs.count={count}: need at least 2 training pairs")
     indices = list(range(min(count, n)))
+    if acfg.pairs.resample_each_epoch and not method.stochastic:
+        raise ConfigError(
+            f"attack.pairs.resample_each_epoch=true: protection {type(method).__name__} is deterministic, "
+            "so every epoch would see the same X'; set it to false"
+        )
     stored = stores_images(method) and not acfg.pairs.resample_each_epoch
     if stored:
         out_dir = Path(acfg.pairs.dir) if acfg.pairs.dir else default_dir(cfg, method_record)

@@ -73,7 +73,8 @@ def build_method(
     blackbox = recognizers.from_config(list(cfg.eval.blackbox), cfg.recognizer)
     recognizers.check_disjoint(ensemble, [*blackbox, *monitors])
     if ((method_cfg.get("boosters") or {}).get("margin") or {}).get("enabled"):
-        method_cfg["thresholds"] = [load_threshold(cfg, r) for r in ensemble]
+        nearest = cfg.eval.threshold_source == "nearest"
+        method_cfg["thresholds"] = [load_threshold(cfg, r, fallback=nearest) for r in ensemble]
     extra: dict[str, Any] = {}
     if monitors:
         extra = {"monitors": list(monitors), "monitor_every": cfg.get("transfer", {}).get("monitor_every", 5)}

@@ -38,6 +38,7 @@ def run(cfg: DictConfig, run: Run) -> dict[str, Any]:
             "seconds": round(gen.seconds, 2),
             "images_per_s": round(gen.images_per_s, 3) if gen.images_per_s else None,
             "config_hash": digest,
+            "stochastic": method.stochastic,  # False: X -> X' is a function, the seed changes nothing
             "seed": seed,
             "seed_source": seed_source,
         },
