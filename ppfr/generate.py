@@ -55,9 +55,10 @@ def build_method(
     cfg: DictConfig,
     ensemble: Sequence[Recognizer] | None = None,
     monitors: Sequence[Recognizer] = (),
+    blackbox: Sequence[Recognizer] | None = None,
 ) -> tuple[ProtectionMethod, dict[str, Any], dict[str, str | None], list[Recognizer]]:
     """The method of `cfg.protect`, the config that made it, its surrogates' sha256 by name, and the
-    black boxes of `eval.blackbox` (checked independent of the surrogates).
+    black boxes (`blackbox`, default those of `eval.blackbox`; checked independent of the surrogates).
 
     `ensemble` replaces `protect.ensemble` (experiment=transfer); `monitors` are recognizers whose cos
     the method logs every `transfer.monitor_every` steps, never using their gradients. The margin
@@ -70,7 +71,8 @@ def build_method(
         ensemble = recognizers.from_config(method_cfg.get("ensemble") or [], cfg.recognizer)
     elif ensemble:
         method_cfg["ensemble"] = [r.name for r in ensemble]
-    blackbox = recognizers.from_config(list(cfg.eval.blackbox), cfg.recognizer)
+    if blackbox is None:
+        blackbox = recognizers.from_config(list(cfg.eval.blackbox), cfg.recognizer)
     recognizers.check_disjoint(ensemble, [*blackbox, *monitors])
     if ((method_cfg.get("boosters") or {}).get("margin") or {}).get("enabled"):
         nearest = cfg.eval.threshold_source == "nearest"
@@ -80,7 +82,7 @@ def build_method(
         extra = {"monitors": list(monitors), "monitor_every": cfg.get("transfer", {}).get("monitor_every", 5)}
     method = protect.create({**method_cfg, **extra}, ensemble)
     models = {r.name: getattr(r, "sha256", None) for r in ensemble}
-    return method, method_cfg, models, blackbox
+    return method, method_cfg, models, list(blackbox)
 
 
 def config_hash(cfg: Any) -> str:

@@ -123,7 +123,7 @@ def run(cfg: DictConfig, run: Run) -> dict[str, Any]:
         ensemble = [zoo[n] for n in fixed] if fixed else [zoo[n] for n in pool if zoo[n].family != box.family]
         if not ensemble:
             raise ConfigError(f"transfer: no surrogate left for held-out {name!r}; set transfer.ensemble")
-        method, method_cfg, models, _ = build_method(cfg, ensemble, monitors=[box])
+        method, method_cfg, models, _ = build_method(cfg, ensemble, monitors=[box], blackbox=[box])
         out = ProtectedSet(Path(run.dir) / "protected" / name, cfg.generate.shard_size)
         digest = out.bind(method_cfg, cfg.seed, dm.dataset.ids, models, data=to_dict(cfg.data))
         print(f"transfer: held out {name}, ensemble {[r.name for r in ensemble]}")
