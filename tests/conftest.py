@@ -48,3 +48,21 @@ def models_dir(shared) -> Path:
 def align_cache(tmp_path_factory) -> Path:
     """One alignment cache for the whole session, so each photo is detected once."""
     return Path(os.environ.get("PPFR_TEST_CACHE") or tmp_path_factory.mktemp("align_cache"))
+
+
+def first_faces(faces_mini: Path, align_cache: Path, n: int):
+    """The first photo of each of the first `n` identities of faces-mini/lfw, aligned: n x 3 x 112 x 112 in [0,1]."""
+    import csv
+
+    import numpy as np
+    import torch
+
+    from ppfr.align import Aligner
+
+    with open(faces_mini / "lfw" / "manifest.csv") as f:
+        first: dict[str, str] = {}
+        for row in csv.DictReader(f):
+            first.setdefault(row["identity"], row["relative_path"])
+    aligner = Aligner(cache_dir=align_cache, on_no_face="center_crop")
+    crops = np.stack([aligner.align(faces_mini / "lfw" / p).crop for p in list(first.values())[:n]])
+    return torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255

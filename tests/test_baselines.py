@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import csv
-
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import first_faces
 from scipy.fft import dctn
 
 from ppfr import recognizers
-from ppfr.align import Aligner
 from ppfr.config import load_option, to_dict
 from ppfr.errors import ConfigError
 from ppfr.protect import classic, create, dct, duetface, partialface
@@ -23,15 +20,7 @@ BASELINES = ("blur", "pixelate", "noise", "partialface", "duetface")
 @pytest.fixture(scope="module")
 def faces(faces_mini, align_cache) -> torch.Tensor:
     """Three real aligned LFW faces of different people, 3 x 3 x 112 x 112 in [0,1]."""
-    with open(faces_mini / "lfw" / "manifest.csv") as f:
-        rows = list(csv.DictReader(f))
-    first = {}
-    for row in rows:
-        first.setdefault(row["identity"], row["relative_path"])
-    paths = [faces_mini / "lfw" / p for p in list(first.values())[:3]]
-    aligner = Aligner(cache_dir=align_cache, on_no_face="center_crop")
-    crops = np.stack([aligner.align(p).crop for p in paths])
-    return torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255
+    return first_faces(faces_mini, align_cache, 3)
 
 
 def preset(name: str, **change) -> ProtectionMethod:

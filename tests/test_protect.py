@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import csv
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import first_faces
 
 from ppfr import recognizers
-from ppfr.align import Aligner
 from ppfr.config import load_option, to_dict
 from ppfr.errors import ConfigError
 from ppfr.protect import create, parts
@@ -27,15 +25,7 @@ SURROGATE = "mobilefacenet_relu6"
 @pytest.fixture(scope="module")
 def faces(faces_mini, align_cache) -> torch.Tensor:
     """Two real aligned LFW faces of different people, 2 x 3 x 112 x 112 in [0,1]."""
-    with open(faces_mini / "lfw" / "manifest.csv") as f:
-        rows = list(csv.DictReader(f))
-    first = {}
-    for row in rows:
-        first.setdefault(row["identity"], row["relative_path"])
-    paths = [faces_mini / "lfw" / p for p in list(first.values())[:2]]
-    aligner = Aligner(cache_dir=align_cache, on_no_face="center_crop")
-    crops = np.stack([aligner.align(p).crop for p in paths])
-    return torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255
+    return first_faces(faces_mini, align_cache, 2)
 
 
 @pytest.fixture(scope="module")

@@ -3,15 +3,13 @@ tiny real trainings on lfw-train through experiment=train_method, checkpoints re
 
 from __future__ import annotations
 
-import csv
 import math
 
-import numpy as np
 import pytest
 import torch
+from conftest import first_faces
 
 from ppfr import recognizers
-from ppfr.align import Aligner
 from ppfr.config import load_option, to_dict
 from ppfr.errors import ConfigError, ModelError
 from ppfr.fit import main
@@ -30,13 +28,7 @@ def seeds(*values: int) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def faces(faces_mini, align_cache) -> torch.Tensor:
     """Two real aligned LFW faces of different people, 2 x 3 x 112 x 112 in [0,1]."""
-    with open(faces_mini / "lfw" / "manifest.csv") as f:
-        first: dict[str, str] = {}
-        for row in csv.DictReader(f):
-            first.setdefault(row["identity"], row["relative_path"])
-    aligner = Aligner(cache_dir=align_cache, on_no_face="center_crop")
-    crops = np.stack([aligner.align(faces_mini / "lfw" / p).crop for p in list(first.values())[:2]])
-    return torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255
+    return first_faces(faces_mini, align_cache, 2)
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,11 @@ import csv
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
+from conftest import first_faces
 
 from ppfr import recognizers
-from ppfr.align import Aligner
 from ppfr.errors import ConfigError
 from ppfr.fit import main
 from ppfr.protect.lfsa import LFSA
@@ -37,14 +36,7 @@ BOOSTERS = {
 @pytest.fixture(scope="module")
 def faces(faces_mini, align_cache) -> torch.Tensor:
     """Two real aligned LFW faces of different people."""
-    with open(faces_mini / "lfw" / "manifest.csv") as f:
-        rows = list(csv.DictReader(f))
-    first: dict[str, str] = {}
-    for row in rows:
-        first.setdefault(row["identity"], row["relative_path"])
-    aligner = Aligner(cache_dir=align_cache, on_no_face="center_crop")
-    crops = np.stack([aligner.align(faces_mini / "lfw" / p).crop for p in list(first.values())[:2]])
-    return torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255
+    return first_faces(faces_mini, align_cache, 2)
 
 
 @pytest.fixture(scope="module")
