@@ -163,3 +163,21 @@ def test_transfer_experiment_writes_its_table_and_resumes(faces_mini, models_dir
     for name, row in again.items():
         assert row["generated_now"] == 0 and row["match"] == heldout[name]["match"]
         assert row["curve"] == heldout[name]["curve"]
+
+
+def test_held_out_model_is_the_only_black_box(models_dir):
+    """experiment=transfer puts every model but the held-out one in the ensemble, dlib_resnet included,
+    although dlib_resnet is a default black box of eval.blackbox: the held-out model is the black box."""
+    from ppfr.config import compose
+    from ppfr.errors import ConfigError
+    from ppfr.generate import build_method
+
+    cfg = compose(["experiment=transfer", f"paths.models={models_dir}", "protect.steps=1"])
+    ensemble = recognizers.create_many(["mobileface_becauseofai", "dlib_resnet"], models_dir)
+    box = recognizers.create_many(["mobilefacenet_relu6"], models_dir)
+    method, method_cfg, models, blackbox = build_method(cfg, ensemble, monitors=box, blackbox=box)
+    assert [r.name for r in blackbox] == ["mobilefacenet_relu6"]
+    assert method_cfg["ensemble"] == ["mobileface_becauseofai", "dlib_resnet"]
+    assert set(models) == {"mobileface_becauseofai", "dlib_resnet"} and all(models.values())
+    with pytest.raises(ConfigError, match="dlib_resnet"):  # the default black boxes do collide
+        build_method(cfg, ensemble)
