@@ -100,16 +100,23 @@ def test_input_gradients_flow_and_networks_stay_frozen(zoo):
         assert torch.isfinite(x_in.grad).all() and x_in.grad.abs().sum() > 0, rec.name
 
 
-def test_bf16_autocast_keeps_float32_unit_embeddings(zoo):
-    x = torch.rand(1, 3, 112, 112, generator=torch.Generator().manual_seed(2))
-    for name in ("mobileface_becauseofai", "dlib_resnet"):
+def test_bf16_autocast_keeps_float32_unit_embeddings_and_input_gradients(zoo):
+    """Mixed precision (Lightning's bf16-mixed, GPU autocast) forward and backward, PReLU models included:
+    the frozen-PReLU backward once failed on a bf16 gradient against its float32 slopes."""
+    x = torch.rand(2, 3, 112, 112, generator=torch.Generator().manual_seed(2))
+    for name in ("mobileface_becauseofai", "dlib_resnet", "faceplugin_mobilefacenet", "mobilefacenet_tf"):
         rec = zoo[name]
-        with torch.no_grad():
-            full = rec(x)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                half = rec(x)
-        assert half.dtype == torch.float32
-        assert F.cosine_similarity(full, half).min() > 0.99, name
+        embs, grads = [], []
+        for enabled in (False, True):
+            x_in = x.clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+                emb = rec(x_in)
+            grads.append(torch.autograd.grad(emb[:, 0].sum(), x_in)[0])
+            embs.append(emb.detach())
+        assert embs[1].dtype == torch.float32, name
+        assert F.cosine_similarity(embs[0], embs[1]).min() > 0.99, name
+        assert torch.isfinite(grads[1]).all(), name
+        assert F.cosine_similarity(grads[0].flatten(1), grads[1].flatten(1)).min() > 0.8, name
 
 
 def _blobs(points: np.ndarray) -> torch.Tensor:

@@ -181,3 +181,70 @@ def test_held_out_model_is_the_only_black_box(models_dir):
     assert set(models) == {"mobileface_becauseofai", "dlib_resnet"} and all(models.values())
     with pytest.raises(ConfigError, match="dlib_resnet"):  # the default black boxes do collide
         build_method(cfg, ensemble)
+
+
+def test_grid_points_are_every_combination_and_bad_keys_are_named():
+    from ppfr.config import compose
+    from ppfr.tasks.transfer import grid_points
+
+    assert grid_points(compose(["experiment=transfer"])) == [("", {})]  # no grid: the plain run
+    cfg = compose(
+        ["experiment=transfer", "transfer.grid.gamma=[0,5]", "transfer.grid.highpass.omega_c=[0.02]"]
+    )
+    points = grid_points(cfg)
+    assert [label for label, _ in points] == [
+        "gamma=0,highpass.omega_c=0.02",
+        "gamma=5,highpass.omega_c=0.02",
+    ]
+    assert points[1][1] == {"gamma": 5, "highpass.omega_c": 0.02}
+    regions = grid_points(
+        compose(["experiment=transfer", "transfer.grid.prune.regions=[[eyes],[eyes,nose]]"])
+    )
+    assert [label for label, _ in regions] == ["prune.regions=eyes", "prune.regions=eyes+nose"]
+    with pytest.raises(ConfigError, match=r"transfer.grid.gama: protect=lfsa has no key 'gama'"):
+        grid_points(compose(["experiment=transfer", "transfer.grid.gama=[0,5]"]))
+    with pytest.raises(ConfigError, match="non-empty list"):
+        grid_points(compose(["experiment=transfer", "transfer.grid.gamma=5"]))
+
+
+@pytest.mark.slow
+def test_tradeoff_grid_writes_a_row_and_a_set_per_point(faces_mini, models_dir, align_cache, tmp_path):
+    common = [
+        "data=lfw",
+        f"data.root={faces_mini / 'lfw'}",
+        "data.subset.pairs=4",
+        f"data.cache_dir={align_cache}",
+        f"paths.models={models_dir}",
+        "recognizer=[mobilefacenet_relu6,mobileface_becauseofai]",
+        f"calibration_file={tmp_path / 'calibration.json'}",
+        "logger=csv",
+        "trainer=cpu",
+    ]
+    main(["experiment=verify", *common, f"run_dir={tmp_path / 'verify'}"])
+    args = [
+        "experiment=transfer",
+        *common,
+        f"run_dir={tmp_path / 'tradeoff'}",
+        "transfer.heldout=[mobilefacenet_relu6]",
+        "transfer.faces=2",
+        "transfer.grid.highpass.omega_c=[0.02,0.3]",
+        "protect.steps=2",
+        "generate.batch_size=2",
+        "seed=0",
+    ]
+    results = main(args)["transfer"]
+    run = tmp_path / "tradeoff"
+    assert set(results["heldout"]) == {
+        "highpass.omega_c=0.02/mobilefacenet_relu6",
+        "highpass.omega_c=0.3/mobilefacenet_relu6",
+    }
+    for key, row in results["heldout"].items():
+        assert row["heldout"] == "mobilefacenet_relu6" and row["ensemble"] == ["mobileface_becauseofai"]
+        assert row["point"] == {"highpass.omega_c": float(key.split("=")[1].split("/")[0])}
+        assert len((run / "protected" / key / "manifest.jsonl").read_text().splitlines()) == 2
+    table = list(csv.DictReader((run / "transfer_tradeoff.csv").read_text().splitlines()))
+    assert [r["point"] for r in table] == ["highpass.omega_c=0.02", "highpass.omega_c=0.3"]
+    assert all(float(r["match low"]) <= float(r["match"]) <= float(r["match high"]) for r in table)
+    ssim = [float(r["SSIM"]) for r in table]
+    assert ssim[0] != ssim[1]  # a different cutoff is a different image
+    assert (run / "images" / "transfer_tradeoff.png").is_file()

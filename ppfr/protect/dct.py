@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ppfr.errors import DataError
+from ppfr.errors import ConfigError, DataError
+from ppfr.protect.base import ProtectionMethod
 
 BLOCK = 8
 UPSAMPLE = 8
@@ -148,3 +149,29 @@ def select(coef: Tensor, index: Tensor) -> Tensor:
     """Channels ``index`` (B x K, per item) of B x 192 x h x w coefficients -> B x K x h x w."""
     h, w = coef.shape[-2:]
     return coef.gather(1, index[:, :, None, None].expand(-1, -1, h, w))
+
+
+VISIBLE = ("stretched", "raw")
+ATTACKER_INPUTS = ("channels", "image")
+
+
+class FrequencyMethod(ProtectionMethod):
+    """What PartialFace and DuetFace share: the visible image is the inverse DCT of the channels they
+    keep, stretched to [0,1] per image (``visible: stretched``) or clamped as TFace does (``raw``:
+    near-flat grey, see above); the attacker gets those channels (``attacker_input: channels``,
+    faithful) or that image (``image``)."""
+
+    def __init__(self, visible: str, attacker_input: str, kept_channels: int) -> None:
+        super().__init__()
+        if visible not in VISIBLE:
+            raise ConfigError(f"protect.visible: {visible!r} is not one of {', '.join(VISIBLE)}")
+        if attacker_input not in ATTACKER_INPUTS:
+            raise ConfigError(
+                f"protect.attacker_input: {attacker_input!r} is not one of {', '.join(ATTACKER_INPUTS)}"
+            )
+        self.stretch = visible == "stretched"
+        self.attacker_view = attacker_input
+        self.attacker_channels = 3 if attacker_input == "image" else kept_channels
+
+    def attacker_input(self, x: Tensor, seeds: Tensor) -> Tensor:
+        return self(x, seeds) if self.attacker_view == "image" else self.represent(x, seeds)

@@ -10,19 +10,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ppfr.errors import ConfigError
 from ppfr.protect import dct
-from ppfr.protect.base import METHODS, ProtectionMethod, check_batch
+from ppfr.protect.base import METHODS, check_batch
 
 CLIENT_BASIS = (0, 1, 2, 3, 4, 5, 8, 9, 16, 24)  # TFace SUB_CHS: differs from PartialFace's pruned set
 CLIENT = tuple(dct.channels(CLIENT_BASIS))  # 30
 SERVER = tuple(sorted(set(range(dct.CHANNELS)) - set(CLIENT)))  # 162
-ATTACKER_INPUTS = ("channels", "image")
-VISIBLE = ("stretched", "raw")
 
 
 @METHODS.register("duetface")
-class DuetFace(ProtectionMethod):
+class DuetFace(dct.FrequencyMethod):
     """represent: the server's 162 high-frequency channels (raw DCT coefficients); forward: the inverse
     DCT with the 30 client channels zeroed, 3 x H x W in [0,1], each image stretched to [0,1]
     (``visible: stretched``) or clamped as TFace does (``raw``: near-flat grey, see ppfr.protect.dct);
@@ -31,16 +28,7 @@ class DuetFace(ProtectionMethod):
     name = "duetface"
 
     def __init__(self, visible: str = "stretched", attacker_input: str = "channels") -> None:
-        super().__init__()
-        if visible not in VISIBLE:
-            raise ConfigError(f"protect.visible: {visible!r} is not one of {', '.join(VISIBLE)}")
-        if attacker_input not in ATTACKER_INPUTS:
-            raise ConfigError(
-                f"protect.attacker_input: {attacker_input!r} is not one of {', '.join(ATTACKER_INPUTS)}"
-            )
-        self.stretch = visible == "stretched"
-        self.attacker_view = attacker_input
-        self.attacker_channels = 3 if attacker_input == "image" else len(SERVER)
+        super().__init__(visible, attacker_input, len(SERVER))
         self.register_buffer("server", torch.tensor(SERVER, dtype=torch.long), persistent=False)
 
     def represent(self, x: Tensor, seeds: Tensor) -> Tensor:
@@ -52,6 +40,3 @@ class DuetFace(ProtectionMethod):
         coef = dct.to_dct(x)
         coef[:, list(CLIENT)] = 0
         return dct.from_dct(coef, self.stretch).to(x.dtype)
-
-    def attacker_input(self, x: Tensor, seeds: Tensor) -> Tensor:
-        return self(x, seeds) if self.attacker_view == "image" else self.represent(x, seeds)

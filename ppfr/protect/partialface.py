@@ -19,17 +19,15 @@ import itertools
 import torch
 from torch import Tensor
 
-from ppfr.errors import ConfigError, DataError
+from ppfr.errors import DataError
 from ppfr.protect import dct, parts
-from ppfr.protect.base import METHODS, ProtectionMethod, check_batch
+from ppfr.protect.base import METHODS, check_batch
 
 PRUNED = (0, 1, 2, 3, 8, 9, 10, 16, 17, 24)  # basis row*8 + col with row + col <= 3
 KEPT = tuple(sorted(set(range(dct.BASIS)) - set(PRUNED), key=lambda k: (k // 8 + k % 8, k // 8)))
 SUBSETS = tuple(KEPT[i::6] for i in range(6))  # 6 x 9, disjoint, covering KEPT
 PERMUTATIONS = (tuple(range(9)), tuple(range(8, -1, -1)), tuple(2 * i % 9 for i in range(9)))
 TRIPLES = tuple(itertools.combinations(range(len(SUBSETS)), 3))  # identity label % 20 -> allowed subsets
-ATTACKER_INPUTS = ("channels", "image")
-VISIBLE = ("stretched", "raw")
 
 
 def _index_table() -> Tensor:
@@ -41,7 +39,7 @@ def _index_table() -> Tensor:
 
 
 @METHODS.register("partialface")
-class PartialFace(ProtectionMethod):
+class PartialFace(dct.FrequencyMethod):
     """represent: the permuted 27-channel subset (raw DCT coefficients, as TFace's IR-18 gets them);
     forward: the zero-filled inverse DCT of that subset, 3 x H x W in [0,1], each image stretched to
     [0,1] (``visible: stretched``) or clamped as TFace does (``raw``: near-flat grey, see ppfr.protect.dct);
@@ -56,16 +54,7 @@ class PartialFace(ProtectionMethod):
     stochastic = True
 
     def __init__(self, visible: str = "stretched", attacker_input: str = "channels") -> None:
-        super().__init__()
-        if visible not in VISIBLE:
-            raise ConfigError(f"protect.visible: {visible!r} is not one of {', '.join(VISIBLE)}")
-        if attacker_input not in ATTACKER_INPUTS:
-            raise ConfigError(
-                f"protect.attacker_input: {attacker_input!r} is not one of {', '.join(ATTACKER_INPUTS)}"
-            )
-        self.stretch = visible == "stretched"
-        self.attacker_view = attacker_input
-        self.attacker_channels = 3 if attacker_input == "image" else 3 * len(SUBSETS[0])
+        super().__init__(visible, attacker_input, 3 * len(SUBSETS[0]))
         self.register_buffer("index_table", _index_table(), persistent=False)
 
     def choose(self, seeds: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -94,6 +83,3 @@ class PartialFace(ProtectionMethod):
         index = self.channel_index(seeds).to(x.device)
         kept = dct.select(dct.to_dct(x), index)
         return dct.from_dct(dct.zero_filled(kept, index), self.stretch).to(x.dtype)
-
-    def attacker_input(self, x: Tensor, seeds: Tensor) -> Tensor:
-        return self(x, seeds) if self.attacker_view == "image" else self.represent(x, seeds)

@@ -10,17 +10,23 @@ The held-out model also watches the ascent: its cos(f(X), f(X_t)) every `transfe
 steps, computed without gradients and never fed back. `transfer_curves.csv` holds it beside each
 surrogate's cos per step (`images/transfer_curves.png` too, where matplotlib is installed).
 
-Each held-out model gets its own protected set, `<run_dir>/protected/<name>`, resumable like
-experiment=protect: rerun the same command with the same `run_dir=` after a crash.
+The trade-off curve: `transfer.grid` maps method keys to values (`{highpass.omega_c: [0.02, 0.04],
+gamma: [0, 5]}`); every combination is one grid point, measured like the plain run, and
+`transfer_tradeoff.csv` with `images/transfer_tradeoff.png` give held-out match (with its 95 %
+interval) against SSIM per point, so a user can pick theirs.
+
+Each held-out model gets its own protected set, `<run_dir>/protected/[<point>/]<name>`, resumable
+like experiment=protect: rerun the same command with the same `run_dir=` after a crash.
 """
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from scipy.stats import binomtest
 
 import datamodules
@@ -33,6 +39,7 @@ from ppfr.generate import ProtectedSet, build_method, generate
 from ppfr.run import Run, format_table
 from ppfr.verification import find_calibration, measured_on
 
+TRADEOFF = ["point", "held out", "match", "match low", "match high", "n", "cos", "SSIM", "PSNR"]
 COLUMNS = ["held out", "match", "95% CI", "n", "cos", "thr", "FAR prot", "FAR clean", "SSIM", "PSNR",
            "images/s", "ensemble"]  # fmt: skip
 
@@ -49,14 +56,71 @@ def _names(value: Any) -> list[str] | None:
     return [value] if isinstance(value, str) else list(value)
 
 
+def grid_points(cfg: DictConfig) -> list[tuple[str, dict[str, Any]]]:
+    """(label, protect overrides) of every point of `transfer.grid`; one unlabelled point without a grid.
+
+    The grid's leaves are lists of values, written flat (`{highpass.omega_c: [...]}`) or nested
+    (`transfer.grid.highpass.omega_c=[...]` on the command line)."""
+    grid = cfg.transfer.get("grid")
+    grid = _flatten(to_dict(grid)) if grid else {}
+    for key, values in grid.items():
+        if not _has_key(cfg.protect, key):
+            raise ConfigError(f"transfer.grid.{key}: protect={cfg.protect.name} has no key {key!r}")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"transfer.grid.{key}: {values!r} must be a non-empty list of values")
+    if not grid:
+        return [("", {})]
+    return [
+        (
+            ",".join(f"{k}={_word(v)}" for k, v in zip(grid, combo, strict=True)),
+            dict(zip(grid, combo, strict=True)),
+        )
+        for combo in itertools.product(*grid.values())
+    ]
+
+
+def _word(value: Any) -> str:
+    """A value as a folder-name-safe word: lists joined with '+'."""
+    return "+".join(map(_word, value)) if isinstance(value, list) else str(value).replace("/", "_")
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _has_key(node: Any, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not OmegaConf.is_dict(node) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _at_point(cfg: DictConfig, overrides: dict[str, Any]) -> DictConfig:
+    """`cfg` with the grid point's method keys set (a copy; the method checks their ranges)."""
+    if not overrides:
+        return cfg
+    point = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    for key, value in overrides.items():
+        OmegaConf.update(point, f"protect.{key}", value, merge=False)
+    return point
+
+
 def _curve_rows(name: str, curve: dict[str, Any]) -> list[list[Any]]:
     """Long-format rows (held out, step, series, cos): each model's cos on the plain image at the
-    watched steps (the held-out one marked), and each surrogate's as the loss saw it at every step."""
-    rows = []
+    watched steps (the held-out one marked), and each surrogate's as the loss saw it at every step.
+    ``name`` is the held-out model, after its grid point's label and a slash on a grid."""
+    heldout, rows = name.rpartition("/")[2], []
     for j, key in enumerate(curve["keys"]):
         kind, _, model = key.partition("/")
         if kind == "monitor":
-            series = f"{model} (held out)" if model == name else model
+            series = f"{model} (held out)" if model == heldout else model
         elif kind == "cos" and model:
             series = f"{model} (loss view)"
         else:
@@ -85,11 +149,44 @@ def _plot(path: Path, curves: dict[str, dict[str, Any]], thresholds: dict[str, f
             ax.plot(
                 *zip(*points, strict=True), "k-o" if held else "-", lw=2 if held else 1, ms=3, label=series
             )
-        ax.axhline(thresholds[name], color="k", ls="--", lw=1, label=f"{name} threshold")
+        heldout = name.rpartition("/")[2]
+        ax.axhline(thresholds[heldout], color="k", ls="--", lw=1, label=f"{heldout} threshold")
         ax.set_title(f"held out: {name}", fontsize=9)
         ax.set_xlabel("step")
         ax.legend(fontsize=6)
     axes[0][0].set_ylabel("cos(f(X), f(X_t))")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _plot_tradeoff(path: Path, rows: list[list[Any]]) -> bool:
+    """Held-out match (95 % interval) against SSIM, a line per held-out model, each point labelled."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(r[1] for r in rows):
+        mine = sorted((r for r in rows if r[1] == name), key=lambda r: r[7])
+        ssim = [r[7] for r in mine]
+        match = [r[2] for r in mine]
+        err = [
+            [m - r[3] for m, r in zip(match, mine, strict=True)],
+            [r[4] - m for m, r in zip(match, mine, strict=True)],
+        ]
+        ax.errorbar(ssim, match, yerr=err, fmt="-o", ms=4, capsize=2, label=name)
+        for r in mine:
+            ax.annotate(r[0], (r[7], r[2]), fontsize=5, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("SSIM(X', X)")
+    ax.set_ylabel("held-out match")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -102,6 +199,7 @@ def run(cfg: DictConfig, run: Run) -> dict[str, Any]:
     for key, value, least in (("faces", t.faces, 1), ("monitor_every", t.monitor_every, 1)):
         if value is not None and (type(value) is not int or value < least):
             raise ConfigError(f"transfer.{key}={value!r}: expected an integer >= {least}")
+    points = grid_points(cfg)
     names = cfg.recognizer.names if isinstance(cfg.recognizer.names, str) else list(cfg.recognizer.names)
     zoo = {r.name: r for r in recognizers.from_config(names, cfg.recognizer)}
     pool = list(zoo)
@@ -117,18 +215,23 @@ def run(cfg: DictConfig, run: Run) -> dict[str, Any]:
     device = device_of(cfg)
 
     done: dict[str, Any] = dict(run.results.get("transfer", {}).get("heldout", {}))  # a resumed run's
-    rows, curves, thresholds, is_main = [], {}, {}, True
-    for name in heldout:
+    rows, tradeoff, curves, thresholds, is_main = [], [], {}, {}, True
+    for (label, overrides), name in itertools.product(points, heldout):
+        key = f"{label}/{name}" if label else name  # the plain run keeps its plain keys and folders
+        point_cfg = _at_point(cfg, overrides)
         box = zoo[name]
         ensemble = [zoo[n] for n in fixed] if fixed else [zoo[n] for n in pool if zoo[n].family != box.family]
         if not ensemble:
             raise ConfigError(f"transfer: no surrogate left for held-out {name!r}; set transfer.ensemble")
-        method, method_cfg, models, _ = build_method(cfg, ensemble, monitors=[box], blackbox=[box])
-        out = ProtectedSet(Path(run.dir) / "protected" / name, cfg.generate.shard_size)
+        method, method_cfg, models, _ = build_method(point_cfg, ensemble, monitors=[box], blackbox=[box])
+        out = ProtectedSet(Path(run.dir) / "protected" / key, cfg.generate.shard_size)
         digest = out.bind(method_cfg, cfg.seed, dm.dataset.ids, models, data=to_dict(cfg.data))
-        print(f"transfer: held out {name}, ensemble {[r.name for r in ensemble]}")
-        gen = generate(cfg, run, dm, method, out, digest, faces, curve_key=f"convergence_{name}")
-        curve = done.get(name, {}).get("curve")
+        print(
+            f"transfer: {label + ', ' if label else ''}held out {name}, ensemble {[r.name for r in ensemble]}"
+        )
+        tag = key.replace("/", "_")
+        gen = generate(point_cfg, run, dm, method, out, digest, faces, curve_key=f"convergence_{tag}")
+        curve = done.get(key, {}).get("curve")
         if gen.curve.rows:
             watched = [[None if v != v else v for v in row] for row in gen.curve.rows]  # nan: not watched
             curve = {"keys": gen.curve.keys, "rows": watched}
@@ -154,8 +257,10 @@ def run(cfg: DictConfig, run: Run) -> dict[str, Any]:
         m = blackbox_metrics(clean[name], prot[name], labels, thresholds[name])
         n = len(records)
         low, high = wilson(round(m["match"] * n), n)
-        speed = gen.images_per_s or done.get(name, {}).get("images_per_s")
-        done[name] = {
+        speed = gen.images_per_s or done.get(key, {}).get("images_per_s")
+        done[key] = {
+            "heldout": name,
+            "point": overrides,
             "ensemble": [r.name for r in ensemble],
             "n": n,
             **{k: m[k] for k in ("match", "cos_mean", "threshold", "far_protected", "far_clean")},
@@ -167,21 +272,22 @@ def run(cfg: DictConfig, run: Run) -> dict[str, Any]:
             "out_dir": str(out.dir),
             "curve": curve,
         }
-        row = done[name]
+        row = done[key]
+        tradeoff.append([label, name, row["match"], low, high, n, row["cos_mean"], row["ssim"], row["psnr"]])
         rows.append(
-            [name, row["match"], f"{low:.3f}-{high:.3f}", n, row["cos_mean"], row["threshold"],
+            [key, row["match"], f"{low:.3f}-{high:.3f}", n, row["cos_mean"], row["threshold"],
              row["far_protected"], row["far_clean"], row["ssim"], row["psnr"],
              round(speed, 3) if speed else "", "+".join(row["ensemble"])]
         )  # fmt: skip
         if curve:
-            curves[name] = curve
+            curves[key] = curve
         run.add_results(transfer={"heldout": done})
-        run.log_metrics({f"transfer/{name}/{k}": v for k, v in row.items() if isinstance(v, float)})
-        log_grid(run, dm, out, records[: cfg.eval.grid], key=f"transfer/grid_{name}")
+        run.log_metrics({f"transfer/{key}/{k}": v for k, v in row.items() if isinstance(v, float)})
+        log_grid(run, dm, out, records[: cfg.eval.grid], key=f"transfer/grid_{tag}")
     if not is_main:
         return {}
 
-    matches = [done[n]["match"] for n in heldout]
+    matches = [done[n]["match"] for n in heldout] if len(points) == 1 else [r[2] for r in tradeoff]
     summary = {"match_mean": sum(matches) / len(matches), "match_min": min(matches), "faces": len(ids)}
     print(format_table(COLUMNS, rows))
     run.log_table("transfer/table", COLUMNS, rows)
@@ -192,5 +298,10 @@ def run(cfg: DictConfig, run: Run) -> dict[str, Any]:
     if curves and not plotted:
         print("transfer: matplotlib is not installed; the curves are in transfer_curves.csv only")
     results = {"transfer": {"heldout": done, "summary": summary, "plot": str(plot) if plotted else None}}
+    if points[0][0]:  # a grid: the trade-off table and plot
+        run.log_table("transfer/tradeoff", TRADEOFF, tradeoff)
+        print(format_table(TRADEOFF, tradeoff))
+        picture = Path(run.dir) / "images" / "transfer_tradeoff.png"
+        results["transfer"]["tradeoff_plot"] = str(picture) if _plot_tradeoff(picture, tradeoff) else None
     run.add_results(**results)
     return results

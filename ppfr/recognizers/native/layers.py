@@ -54,7 +54,8 @@ class _FrozenPReLU(torch.autograd.Function):
         x, slope = ctx.saved_tensors
         positive = torch.ops.aten.threshold_backward(grad, x, 0.0)  # grad where x > 0, else 0
         # positive + slope * (grad - positive): grad where x > 0, slope * grad elsewhere
-        return torch.lerp(positive, grad, slope.view(1, -1, *([1] * (grad.ndim - 2)))), None
+        slope = slope.to(grad.dtype).view(1, -1, *([1] * (grad.ndim - 2)))  # bf16 autocast: grad is bf16
+        return torch.lerp(positive, grad, slope), None
 
 
 class ConvAct(nn.Conv2d):
