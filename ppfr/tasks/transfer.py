@@ -186,6 +186,7 @@ def _plot_tradeoff(path: Path, rows: list[list[Any]]) -> bool:
     ax.set_xlabel("SSIM(X', X)")
     ax.set_ylabel("held-out match")
     ax.set_ylim(-0.02, 1.02)
+    ax.margins(x=0.35)  # room for the point labels
     ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
