@@ -1,12 +1,13 @@
 """Speed of each recognizer per backend: image-steps/s of forward + input gradient.
 
     OMP_NUM_THREADS=1 python bench/recognizers.py [--models-dir ../shared/models] [--device cuda]
-        [--names a b ...] [--batch 16] [--compile] [--quick]
+        [--names a b ...] [--batch 16] [--bf16] [--compile] [--quick]
 
 One image-step is what the protection method pays per image, step and surrogate: the embedding
 of a batch and the gradient of a cosine loss with respect to the input crops (weights frozen).
 Columns: onnx2torch eager, native eager with contiguous (NCHW) weights, native eager as created
-(channels-last weights, the default), and with `--compile` native under torch.compile (its
+(channels-last weights, the default), with `--bf16` native under bf16 autocast (the cosine of its
+input gradient to float32's printed too), and with `--compile` native under torch.compile (its
 compile time printed apart). Inputs are random crops: speed does
 not depend on content.
 """
@@ -28,10 +29,12 @@ from ppfr import recognizers  # noqa: E402
 from ppfr.recognizers.onnx import load_catalog  # noqa: E402
 
 
-def step_fn(rec: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor):
-    def step() -> None:
+def step_fn(rec: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor, bf16: bool = False):
+    def step() -> torch.Tensor:
         xg = x.clone().requires_grad_(True)
-        torch.autograd.grad(F.cosine_similarity(rec(xg), targets).sum(), xg)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            emb = rec(xg)
+        return torch.autograd.grad(F.cosine_similarity(emb.float(), targets).sum(), xg)[0]
 
     return step
 
@@ -43,6 +46,7 @@ def main() -> None:
     ap.add_argument("--names", nargs="+", default=["all"], help="recognizer names (default: all ONNX models)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per variant (the fastest counts)")
+    ap.add_argument("--bf16", action="store_true", help="also time native under bf16 autocast")
     ap.add_argument("--compile", action="store_true", help="also time native under torch.compile")
     ap.add_argument("--quick", action="store_true", help="one timed call per variant")
     args = ap.parse_args()
@@ -53,7 +57,10 @@ def main() -> None:
     names = list(load_catalog(args.models_dir)) if args.names == ["all"] else args.names
     head = f"{'recognizer':<26}{'onnx2torch':>11}{'native NCHW':>13}{'native CL':>11}"
     print(
-        head + (f"{'compiled':>10}{'compile s':>11}" if args.compile else "") + f"{'native/onnx':>13}",
+        head
+        + (f"{'bf16':>8}{'grad cos':>10}" if args.bf16 else "")
+        + (f"{'compiled':>10}{'compile s':>11}" if args.compile else "")
+        + f"{'native/onnx':>13}",
         flush=True,
     )
     x = torch.rand(args.batch, 3, 112, 112, generator=torch.Generator().manual_seed(0)).to(device)
@@ -69,6 +76,8 @@ def main() -> None:
             "nchw": step_fn(contiguous, x, targets),
             "native": step_fn(native, x, targets),
         }
+        if args.bf16:
+            fns["bf16"] = step_fn(native, x, targets, bf16=True)
         compile_s = None
         if args.compile:
             compiled = torch.compile(native)
@@ -78,6 +87,9 @@ def main() -> None:
             fns["compiled"] = step_fn(compiled, x, targets)
         speed = {k: args.batch / v for k, v in timed(fns, device, repeats).items()}
         line = f"{name:<26}{speed['onnx']:>11.1f}{speed['nchw']:>13.1f}{speed['native']:>11.1f}"
+        if args.bf16:
+            cos = F.cosine_similarity(fns["native"]().flatten(1), fns["bf16"]().flatten(1)).min()
+            line += f"{speed['bf16']:>8.1f}{cos.item():>10.3f}"
         if compile_s is not None:
             line += f"{speed['compiled']:>10.1f}{compile_s:>11.0f}"
         print(line + f"{speed['native'] / speed['onnx']:>12.2f}x", flush=True)
