@@ -114,20 +114,27 @@ def test_wilson_interval():
     assert low < 0.5 < high
 
 
-@pytest.mark.slow
-def test_transfer_experiment_writes_its_table_and_resumes(faces_mini, models_dir, align_cache, tmp_path):
+def calibrated(faces_mini, models_dir, align_cache, tmp_path, models: list[str], pairs: int) -> list[str]:
+    """The arguments of a small faces-mini/lfw run over `models`, after experiment=verify has written
+    their thresholds to the run's calibration file."""
     common = [
         "data=lfw",
         f"data.root={faces_mini / 'lfw'}",
-        "data.subset.pairs=6",
+        f"data.subset.pairs={pairs}",
         f"data.cache_dir={align_cache}",
         f"paths.models={models_dir}",
-        f"recognizer=[{','.join(SURROGATES)}]",
+        f"recognizer=[{','.join(models)}]",
         f"calibration_file={tmp_path / 'calibration.json'}",
         "logger=csv",
         "trainer=cpu",
     ]
     main(["experiment=verify", *common, f"run_dir={tmp_path / 'verify'}"])
+    return common
+
+
+@pytest.mark.slow
+def test_transfer_experiment_writes_its_table_and_resumes(faces_mini, models_dir, align_cache, tmp_path):
+    common = calibrated(faces_mini, models_dir, align_cache, tmp_path, SURROGATES, pairs=6)
     args = [
         "experiment=transfer",
         *common,
@@ -209,18 +216,8 @@ def test_grid_points_are_every_combination_and_bad_keys_are_named():
 
 @pytest.mark.slow
 def test_tradeoff_grid_writes_a_row_and_a_set_per_point(faces_mini, models_dir, align_cache, tmp_path):
-    common = [
-        "data=lfw",
-        f"data.root={faces_mini / 'lfw'}",
-        "data.subset.pairs=4",
-        f"data.cache_dir={align_cache}",
-        f"paths.models={models_dir}",
-        "recognizer=[mobilefacenet_relu6,mobileface_becauseofai]",
-        f"calibration_file={tmp_path / 'calibration.json'}",
-        "logger=csv",
-        "trainer=cpu",
-    ]
-    main(["experiment=verify", *common, f"run_dir={tmp_path / 'verify'}"])
+    models = ["mobilefacenet_relu6", "mobileface_becauseofai"]
+    common = calibrated(faces_mini, models_dir, align_cache, tmp_path, models, pairs=4)
     args = [
         "experiment=transfer",
         *common,
