@@ -129,14 +129,30 @@ def _curve_rows(name: str, curve: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
-def _plot(path: Path, curves: dict[str, dict[str, Any]], thresholds: dict[str, float]) -> bool:
-    """The cos curves, one panel per held-out model; False when matplotlib is not installed."""
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only backend, or None when matplotlib is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def _save(plt: Any, fig: Any, path: Path) -> bool:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _plot(path: Path, curves: dict[str, dict[str, Any]], thresholds: dict[str, float]) -> bool:
+    """The cos curves, one panel per held-out model; False when matplotlib is not installed."""
+    plt = _pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.4), squeeze=False, sharey=True)
     for ax, (name, curve) in zip(axes[0], curves.items(), strict=True):
@@ -155,21 +171,13 @@ def _plot(path: Path, curves: dict[str, dict[str, Any]], thresholds: dict[str, f
         ax.set_xlabel("step")
         ax.legend(fontsize=6)
     axes[0][0].set_ylabel("cos(f(X), f(X_t))")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def _plot_tradeoff(path: Path, rows: list[list[Any]]) -> bool:
     """Held-out match (95 % interval) against SSIM, a line per held-out model, each point labelled."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in dict.fromkeys(r[1] for r in rows):
@@ -188,11 +196,7 @@ def _plot_tradeoff(path: Path, rows: list[list[Any]]) -> bool:
     ax.set_ylim(-0.02, 1.02)
     ax.margins(x=0.35)  # room for the point labels
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def run(cfg: DictConfig, run: Run) -> dict[str, Any]:
@@ -217,9 +221,10 @@ def run(cfg: DictConfig, run: Run) -> dict[str, Any]:
 
     done: dict[str, Any] = dict(run.results.get("transfer", {}).get("heldout", {}))  # a resumed run's
     rows, tradeoff, curves, thresholds, is_main = [], [], {}, {}, True
+    point_cfgs = {label: _at_point(cfg, overrides) for label, overrides in points}
     for (label, overrides), name in itertools.product(points, heldout):
         key = f"{label}/{name}" if label else name  # the plain run keeps its plain keys and folders
-        point_cfg = _at_point(cfg, overrides)
+        point_cfg = point_cfgs[label]
         box = zoo[name]
         ensemble = [zoo[n] for n in fixed] if fixed else [zoo[n] for n in pool if zoo[n].family != box.family]
         if not ensemble:
@@ -288,7 +293,7 @@ def run(cfg: DictConfig, run: Run) -> dict[str, Any]:
     if not is_main:
         return {}
 
-    matches = [done[n]["match"] for n in heldout] if len(points) == 1 else [r[2] for r in tradeoff]
+    matches = [r[2] for r in tradeoff]  # every (point, held-out model) measured in this run
     summary = {"match_mean": sum(matches) / len(matches), "match_min": min(matches), "faces": len(ids)}
     print(format_table(COLUMNS, rows))
     run.log_table("transfer/table", COLUMNS, rows)
