@@ -51,12 +51,13 @@ def check_disjoint_identities(train_dm, test_dm, train_key: str = "attack.train_
         )
 
 
-def default_dir(cfg: DictConfig, method_record: Mapping[str, Any]) -> Path:
-    """Pairs of one method config and training data, shared by every attacker run that uses them."""
-    key = config_hash(
-        {"method": dict(method_record), "data": describe_data(cfg.attack.train_data), "seed": cfg.seed}
-    )
-    return Path(cfg.paths.outputs) / "attack_pairs" / f"{method_record.get('name', 'method')}-{key}"
+def default_dir(
+    cfg: DictConfig, method_record: Mapping[str, Any], data_cfg: DictConfig, kind: str = "attack_pairs"
+) -> Path:
+    """The protected set of one method config and data (training pairs, or the test set), shared by
+    every attacker run that uses them: `<paths.outputs>/<kind>/<method>-<hash>`."""
+    key = config_hash({"method": dict(method_record), "data": describe_data(data_cfg), "seed": cfg.seed})
+    return Path(cfg.paths.outputs) / kind / f"{method_record.get('name', 'method')}-{key}"
 
 
 def protect_images(
@@ -196,7 +197,7 @@ def training_pairs(
         )
     stored = stores_images(method) and not acfg.pairs.resample_each_epoch
     if stored:
-        out_dir = Path(acfg.pairs.dir) if acfg.pairs.dir else default_dir(cfg, method_record)
+        out_dir = Path(acfg.pairs.dir) if acfg.pairs.dir else default_dir(cfg, method_record, acfg.train_data)
         written = protect_images(
             cfg, run, method, method_record, models, train_dm, cfg.attack.train_data, indices, out_dir
         )

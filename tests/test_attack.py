@@ -140,13 +140,15 @@ def test_killed_attacker_run_resumes(faces_mini, lfw_train, models_dir, align_ca
     proc.wait()
     killed_at = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
     assert 0 < killed_at < 40
-    pairs = sorted((tmp_path / "outputs" / "attack_pairs").rglob("*.png"))
+    # the shared protected sets: training pairs, and the test set (written first)
+    pairs = sorted((tmp_path / "outputs").glob("attack_*/*/**/*.png"))
+    assert {p.relative_to(tmp_path / "outputs").parts[0] for p in pairs} == {"attack_pairs", "attack_test"}
     stamps = [p.stat().st_mtime_ns for p in pairs]
 
     results = main(args)
     assert results["training"]["resumed_from_step"] == killed_at
     assert results["training"]["steps"] == 40
-    assert [p.stat().st_mtime_ns for p in pairs] == stamps  # the pairs were reused, not regenerated
+    assert [p.stat().st_mtime_ns for p in pairs] == stamps  # both sets were reused, not regenerated
     # Rerun once more: nothing left to train, the same evaluation of the same checkpoint.
     again = main(args)
     assert again["training"]["resumed_from_step"] == 40 and again["training"]["steps"] == 40
