@@ -2,7 +2,7 @@
 experiment=attack_all: the same for every protection option of `attack.methods`, each in its own sub-run.
 
     python -m ppfr.fit experiment=attack protect=lfsa
-    python -m ppfr.fit experiment=attack protect=blur attack.identity_loss.weight=0.1   # stronger attacker
+    python -m ppfr.fit experiment=attack protect=blur attack.identity_loss.weight=0.5   # stronger attacker
     python -m ppfr.fit experiment=attack_all protect.steps=50   # protect.* overrides go to every method having the key
 """
 
