@@ -51,11 +51,13 @@ def check_disjoint_identities(train_dm, test_dm, train_key: str = "attack.train_
         )
 
 
-def default_dir(
-    cfg: DictConfig, method_record: Mapping[str, Any], data_cfg: DictConfig, kind: str = "attack_pairs"
+def set_dir(
+    configured: str | None, cfg: DictConfig, method_record: Mapping[str, Any], data_cfg: DictConfig, kind: str
 ) -> Path:
-    """The protected set of one method config and data (training pairs, or the test set), shared by
-    every attacker run that uses them: `<paths.outputs>/<kind>/<method>-<hash>`."""
+    """`configured`, else the protected set of one method config and data (training pairs, or the test
+    set), shared by every attacker run that uses them: `<paths.outputs>/<kind>/<method>-<hash>`."""
+    if configured:
+        return Path(configured)
     key = config_hash({"method": dict(method_record), "data": describe_data(data_cfg), "seed": cfg.seed})
     return Path(cfg.paths.outputs) / kind / f"{method_record.get('name', 'method')}-{key}"
 
@@ -197,7 +199,7 @@ def training_pairs(
         )
     stored = stores_images(method) and not acfg.pairs.resample_each_epoch
     if stored:
-        out_dir = Path(acfg.pairs.dir) if acfg.pairs.dir else default_dir(cfg, method_record, acfg.train_data)
+        out_dir = set_dir(acfg.pairs.dir, cfg, method_record, acfg.train_data, "attack_pairs")
         written = protect_images(
             cfg, run, method, method_record, models, train_dm, cfg.attack.train_data, indices, out_dir
         )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import os
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -18,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 import datamodules
 from attacks import ATTACKERS
 from attacks.evaluate import evaluate
-from attacks.pairs import check_disjoint_identities, default_dir, protect_images, training_pairs
+from attacks.pairs import check_disjoint_identities, protect_images, set_dir, training_pairs
 from attacks.train import fit
 from ppfr import protect, recognizers
 from ppfr.config import load_option, to_dict
@@ -73,11 +72,7 @@ def attack(
     test_dm = datamodules.create(to_dict(cfg.data))
     train_dm = datamodules.create(to_dict(acfg.train_data))
     check_disjoint_identities(train_dm, test_dm)
-    test_dir = (
-        Path(acfg.test_set_dir)
-        if acfg.test_set_dir
-        else default_dir(cfg, method_record, cfg.data, "attack_test")
-    )
+    test_dir = set_dir(acfg.test_set_dir, cfg, method_record, cfg.data, "attack_test")
     # the test set first: it is the fixed cost, and pairs.count can then grow over later runs
     test_records = protect_images(
         cfg, run, method, method_record, models, test_dm, cfg.data, range(len(test_dm.dataset)), test_dir
