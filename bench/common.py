@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import time
@@ -23,6 +24,21 @@ def machine(device: torch.device) -> str:
         f"CPU {cpu} ({os.cpu_count()} cores) | GPU {gpu} | torch {torch.__version__} | "
         f"threads {torch.get_num_threads()}"
     )
+
+
+def add_denormal_option(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument(
+        "--keep-denormals",
+        action="store_true",
+        help="compute with subnormal floats (slow on x86 CPUs) instead of flushing them to zero, "
+        "as ppfr.fit does by default (flush_denormal)",
+    )
+
+
+def set_denormals(args: argparse.Namespace) -> str:
+    """Apply --keep-denormals before the thread pool starts (its threads inherit the setting)."""
+    torch.set_flush_denormal(not args.keep_denormals)
+    return "denormals kept" if args.keep_denormals else "denormals flushed"
 
 
 def sync(device: torch.device) -> None:

@@ -70,6 +70,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     from ppfr.run import Run
 
+    # before the thread pool starts, so that its threads start with it
+    torch.set_flush_denormal(bool(cfg.flush_denormal))
     torch.set_num_threads(cfg.threads)
     os.environ["OMP_NUM_THREADS"] = str(cfg.threads)  # processes a launcher starts from here inherit it
     with Run(cfg) as run:  # results.json says running, then ok, or failed with the error

@@ -122,15 +122,23 @@ class ProtectModule(L.LightningModule):
     """
 
     def __init__(
-        self, method: ProtectionMethod, seed: int | None = None, grid_ids: Iterable[str] = ()
+        self,
+        method: ProtectionMethod,
+        seed: int | None = None,
+        grid_ids: Iterable[str] = (),
+        flush_denormal: bool = True,
     ) -> None:
         super().__init__()
         self.method = method
         self.seed = seed
+        self.flush_denormal = flush_denormal
         self.grid_ids = frozenset(grid_ids)
         self.curve_keys: list[str] = []
         self.curve_sum: list[list[float]] = []  # per step, per key: sum over images of the batch means
         self.curve_images = 0
+
+    def on_predict_start(self) -> None:
+        torch.set_flush_denormal(self.flush_denormal)  # spawned ranks start without the launcher's setting
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         ids = list(batch["id"])
@@ -422,7 +430,12 @@ def generate(
             default_root_dir=run.dir,
         )
         trainer.predict(
-            ProtectModule(method, cfg.seed, grid_ids=[ids[i] for i in indices[: cfg.eval.grid]]),
+            ProtectModule(
+                method,
+                cfg.seed,
+                grid_ids=[ids[i] for i in indices[: cfg.eval.grid]],
+                flush_denormal=cfg.flush_denormal,
+            ),
             dataloaders=dm.predict_dataloader(todo, batch_size=cfg.generate.batch_size),
             return_predictions=False,
         )

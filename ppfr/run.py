@@ -136,6 +136,7 @@ class Run:
                 "torch": torch.__version__,
                 "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                 "threads": torch.get_num_threads(),
+                "flush_denormal": bool(cfg.flush_denormal),
             },
         )
 

@@ -262,6 +262,7 @@ def test_cli_run_writes_config_results_and_offline_wandb(faces_mini, align_cache
     saved = json.loads((run_dir / "results.json").read_text())
     assert saved == json.loads(json.dumps(results, default=str))
     assert saved["seed"] == 5 and saved["pairs"] == 4 and saved["images"] >= 4
+    assert saved["machine"]["threads"] == 1 and saved["machine"]["flush_denormal"] is True
     config = OmegaConf.load(run_dir / "config.yaml")
     assert config.data.subset.pairs == 4 and config.threads == 1 and torch.get_num_threads() == 1
     assert list((run_dir / "wandb").glob("offline-run-*")), "W&B must write an offline run by default"

@@ -100,6 +100,19 @@ def test_native_networks_are_fused_plain_nchw_modules(models_dir):
     assert convs[0].uneven == (0, 1, 0, 1) and convs[0].padding == (0, 0)
 
 
+def test_native_weights_hold_no_subnormal_numbers(models_dir):
+    """faceplugin's folded weights hold thousands of subnormal floats, which x86 multiplies slowly."""
+    tiny = torch.finfo(torch.float32).tiny
+
+    def subnormals(tensors) -> int:
+        return sum(int(((t.abs() > 0) & (t.abs() < tiny)).sum()) for t in tensors if t.is_floating_point())
+
+    name = "faceplugin_mobilefacenet"
+    assert subnormals(recognizers.create(name, models_dir, backend="onnx").parameters()) > 1000
+    native = recognizers.create(name, models_dir).network
+    assert subnormals([*native.parameters(), *native.buffers()]) == 0
+
+
 def test_backend_is_checked_and_other_models_keep_onnx2torch(models_dir):
     with pytest.raises(ConfigError, match=r"recognizer\.backend: 'tensorrt' is not one of native, onnx"):
         recognizers.create("dlib_resnet", models_dir, backend="tensorrt")

@@ -17,6 +17,7 @@ from typing import Any
 import onnx
 import torch
 from onnx2torch import convert
+from torch import nn
 
 from ppfr.errors import ModelError
 from ppfr.recognizers.base import Recognizer, affine_from_points, file_sha256
@@ -59,6 +60,21 @@ def normalisation(entry: dict[str, Any], catalog: Path) -> tuple[list[float], li
     return [mean] * 3, [std] * 3
 
 
+def flush_subnormals(network: nn.Module) -> nn.Module:
+    """Set float32 weights below the smallest normal number (|w| < 1.2e-38) to zero, in place.
+
+    Why: x86 CPUs compute with subnormal operands many times slower. faceplugin_mobilefacenet's
+    folded weights hold thousands of them; its 1x1 convolutions ran 20-40x slower than its
+    siblings' on an Intel Xeon (bench/recognizers.py). Their size keeps the embeddings unchanged.
+    """
+    tiny = torch.finfo(torch.float32).tiny
+    with torch.no_grad():
+        for tensor in (*network.parameters(), *network.buffers()):
+            if tensor.is_floating_point():
+                tensor.masked_fill_(tensor.abs() < tiny, 0.0)
+    return network
+
+
 def create_onnx(entry: dict[str, Any], models_dir: str | Path, backend: str = "native") -> Recognizer:
     """Check the file's hash, convert it, and wrap it with the entry's preprocessing.
 
@@ -88,7 +104,7 @@ def create_onnx(entry: dict[str, Any], models_dir: str | Path, backend: str = "n
     except Exception as err:  # onnx/onnx2torch raise many kinds for a bad graph
         raise ModelError(f"{path}: cannot convert the ONNX graph to PyTorch ({err})") from err
     if native:  # the same module with channels-last weights: 15-50 % faster on CPU (bench/recognizers.py)
-        network = network.to(memory_format=torch.channels_last)
+        network = flush_subnormals(network).to(memory_format=torch.channels_last)
     return Recognizer(
         name=entry["name"],
         network=network,
