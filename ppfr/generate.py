@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, TQDMProgressBar
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from ppfr.config import to_dict
@@ -345,6 +346,10 @@ class ProtectedSetWriter(BasePredictionWriter):
             fsync_dir(folder)
         part = self.protected.dir / "parts" / f"{self.attempt}-rank{trainer.global_rank}.jsonl"
         self.protected.append(part, records)
+        if trainer.received_sigterm:  # Lightning's predict loop would run on to the end: stop at this batch
+            raise SIGTERMException(
+                f"{self.protected.dir}: stopped by SIGTERM after a finished batch; rerun to resume"
+            )
 
 
 class ConvergenceLog(Callback):

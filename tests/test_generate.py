@@ -145,7 +145,9 @@ def test_ddp_spawn_writes_the_same_files_as_one_process(faces_mini, models_dir, 
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_without_loss_or_duplicates(faces_mini, models_dir, align_cache, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killed_run_resumes_without_loss_or_duplicates(stop, faces_mini, models_dir, align_cache, tmp_path):
+    """A crash (SIGKILL) and a preemption (SIGTERM, which must end the run at a finished batch)."""
     run_dir = tmp_path / "run"
     args = protect_args(
         faces_mini,
@@ -167,8 +169,10 @@ def test_killed_run_resumes_without_loss_or_duplicates(faces_mini, models_dir, a
     assert proc.poll() is None, (
         f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
     )
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(stop)
+    code = proc.wait(timeout=120)
+    if stop == signal.SIGTERM:
+        assert code == 1 and "stopped by SIGTERM after a finished batch" in proc.stderr.read().decode()
     done_before = len(protected.records())
     assert done_before >= 2 and not (run_dir / "protected" / "manifest.jsonl").exists()
 
