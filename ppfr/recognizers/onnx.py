@@ -61,17 +61,16 @@ def normalisation(entry: dict[str, Any], catalog: Path) -> tuple[list[float], li
 
 
 def flush_subnormals(network: nn.Module) -> nn.Module:
-    """Set float32 weights below the smallest normal number (|w| < 1.2e-38) to zero, in place.
+    """Set weights below their dtype's smallest normal number (float32: 1.2e-38) to zero, in place.
 
     Why: x86 CPUs compute with subnormal operands many times slower. faceplugin_mobilefacenet's
     folded weights hold thousands of them; its 1x1 convolutions ran 20-40x slower than its
     siblings' on an Intel Xeon (bench/recognizers.py). Their size keeps the embeddings unchanged.
     """
-    tiny = torch.finfo(torch.float32).tiny
     with torch.no_grad():
         for tensor in (*network.parameters(), *network.buffers()):
             if tensor.is_floating_point():
-                tensor.masked_fill_(tensor.abs() < tiny, 0.0)
+                tensor.masked_fill_(tensor.abs() < torch.finfo(tensor.dtype).tiny, 0.0)
     return network
 
 
