@@ -1,10 +1,12 @@
-"""One place that turns `recognizer.device` (auto | cpu | cuda | cuda:N) into a torch.device."""
+"""One place for the machine: `recognizer.device` (auto | cpu | cuda | cuda:N) as a torch.device, and the
+CPU settings every Trainer's ranks apply."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
+import lightning as L
 import torch
 
 from ppfr.errors import ConfigError
@@ -33,3 +35,14 @@ def device(choice: str | torch.device | Mapping[str, Any] | None = "auto") -> to
                 f"recognizer.device={choice!r}: only {count} CUDA device(s) (cuda:0..{count - 1})"
             )
     return dev
+
+
+class FlushDenormals(L.Callback):
+    """Sets `torch.set_flush_denormal` in every rank: `ppfr.fit` sets it in the launcher, but ranks that
+    `ddp_spawn` starts begin without it, and subnormal activations slow x86 convolutions many times."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        torch.set_flush_denormal(self.enabled)

@@ -34,6 +34,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from ppfr.config import to_dict
+from ppfr.devices import FlushDenormals
 from ppfr.errors import DataError
 from ppfr.io import fsync_dir, save_png, write_atomic
 from ppfr.io import load_png as load_png  # re-exported: ppfr/evaluate.py and ppfr/tasks/evaluate.py
@@ -127,19 +128,14 @@ class ProtectModule(L.LightningModule):
         method: ProtectionMethod,
         seed: int | None = None,
         grid_ids: Iterable[str] = (),
-        flush_denormal: bool = True,
     ) -> None:
         super().__init__()
         self.method = method
         self.seed = seed
-        self.flush_denormal = flush_denormal
         self.grid_ids = frozenset(grid_ids)
         self.curve_keys: list[str] = []
         self.curve_sum: list[list[float]] = []  # per step, per key: sum over images of the batch means
         self.curve_images = 0
-
-    def on_predict_start(self) -> None:
-        torch.set_flush_denormal(self.flush_denormal)  # spawned ranks start without the launcher's setting
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         ids = list(batch["id"])
@@ -422,7 +418,11 @@ def generate(
         )
     curve, rank, start = ConvergenceLog(run, curve_key), 0, time.perf_counter()
     if todo:
-        callbacks: list[Callback] = [ProtectedSetWriter(out, digest), curve]
+        callbacks: list[Callback] = [
+            ProtectedSetWriter(out, digest),
+            curve,
+            FlushDenormals(cfg.flush_denormal),
+        ]
         if cfg.trainer.enable_progress_bar:
             callbacks.append(ImageProgressBar())
         trainer_cfg = {**to_dict(cfg.trainer), "fast_dev_run": False, "limit_predict_batches": None}
@@ -435,12 +435,7 @@ def generate(
             default_root_dir=run.dir,
         )
         trainer.predict(
-            ProtectModule(
-                method,
-                cfg.seed,
-                grid_ids=[ids[i] for i in indices[: cfg.eval.grid]],
-                flush_denormal=cfg.flush_denormal,
-            ),
+            ProtectModule(method, cfg.seed, grid_ids=[ids[i] for i in indices[: cfg.eval.grid]]),
             dataloaders=dm.predict_dataloader(todo, batch_size=cfg.generate.batch_size),
             return_predictions=False,
         )

@@ -1,5 +1,6 @@
 """Generation in several processes started outside Lightning (torchrun) and by Lightning's own DDP
-launcher: every rank writes into one run directory, chosen by rank 0, and the set is complete.
+launcher: every rank writes into one run directory, chosen by rank 0, and the set is complete; and
+spawned ranks take the launcher's CPU settings.
 
 Two CPU processes talking over gloo; no `run_dir`, so each process would pick its own timestamp.
 """
@@ -12,8 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
+import torch
+from torch.utils.data import DataLoader
 
+from ppfr.devices import FlushDenormals
 from ppfr.generate import safe_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,3 +75,33 @@ def test_ranks_write_one_complete_set(launcher, faces_mini, models_dir, align_ca
     assert all((out / "grid" / f"{safe_name(r['id'])}.{s}.png").is_file() for r in first for s in "FC")
     curve = (run_dir / "convergence.csv").read_text().splitlines()
     assert len(curve) == 1 + 2  # the curve gathered from both ranks, one row per step
+
+
+class _ReportsSubnormals(L.LightningModule):
+    """Writes, per rank, whether a subnormal float survives a multiplication (it does not when flushed)."""
+
+    def __init__(self, out: Path) -> None:
+        super().__init__()
+        self.out = out
+
+    def predict_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        kept = (torch.tensor([1e-39]) * 1.0).item() != 0.0
+        (self.out / f"rank{self.global_rank}").write_text(str(kept))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("enabled", [True, False])
+def test_spawned_ranks_flush_subnormals_as_configured(enabled, tmp_path):
+    """`ddp_spawn` ranks start with the CPU's default (subnormals kept); the callback sets each one."""
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormal numbers (not x86 with SSE3)")
+    torch.set_flush_denormal(False)  # what a spawned rank starts with; the callback must change it
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, enable_progress_bar=False,
+        callbacks=[FlushDenormals(enabled)],
+    )  # fmt: skip
+    trainer.predict(
+        _ReportsSubnormals(tmp_path), dataloaders=DataLoader(torch.zeros(2, 1)), return_predictions=False
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0", "rank1"]
+    assert {p.read_text() for p in tmp_path.iterdir()} == {str(not enabled)}

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 import datamodules
 from ppfr import recognizers
 from ppfr.config import to_dict
-from ppfr.devices import device
+from ppfr.devices import FlushDenormals, device
 from ppfr.errors import ConfigError
 from ppfr.generate import item_seeds
 from ppfr.protect.training import TRAINERS, MethodTrainer
@@ -57,7 +57,12 @@ def fit(cfg: DictConfig, run: Run, module: MethodTrainer, loader: DataLoader, ep
     callback = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=every)
     kwargs = to_dict(cfg.trainer)
     kwargs.update(max_epochs=epochs, max_steps=int(cfg.train.max_steps), limit_val_batches=0)
-    trainer = L.Trainer(**kwargs, logger=run.logger, callbacks=[callback], default_root_dir=run.dir)
+    trainer = L.Trainer(
+        **kwargs,
+        logger=run.logger,
+        callbacks=[callback, FlushDenormals(cfg.flush_denormal)],
+        default_root_dir=run.dir,
+    )
     last = ckpt_dir / "last.ckpt"
     resumed = (
         int(torch.load(last, map_location="cpu", weights_only=True)["global_step"]) if last.exists() else 0
