@@ -39,7 +39,9 @@ def device(choice: str | torch.device | Mapping[str, Any] | None = "auto") -> to
 
 class FlushDenormals(L.Callback):
     """Sets `torch.set_flush_denormal` in every rank: `ppfr.fit` sets it in the launcher, but ranks that
-    `ddp_spawn` starts begin without it, and subnormal activations slow x86 convolutions many times."""
+    `ddp_spawn` starts begin without it, and subnormal activations slow x86 convolutions many times.
+    The setting is per thread; `setup` runs before a spawned rank's thread pool starts, so the pool's
+    threads inherit it."""
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled

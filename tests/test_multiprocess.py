@@ -78,14 +78,16 @@ def test_ranks_write_one_complete_set(launcher, faces_mini, models_dir, align_ca
 
 
 class _ReportsSubnormals(L.LightningModule):
-    """Writes, per rank, whether a subnormal float survives a multiplication (it does not when flushed)."""
+    """Writes, per rank, whether subnormal floats survive a multiplication (they do not when flushed).
+    The tensor is large enough for the multiplication to run on the rank's thread pool, not only its
+    main thread (`torch.set_flush_denormal` is per thread)."""
 
     def __init__(self, out: Path) -> None:
         super().__init__()
         self.out = out
 
     def predict_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        kept = (torch.tensor([1e-39]) * 1.0).item() != 0.0
+        kept = bool((torch.full((1 << 20,), 1e-39) * 1.0).count_nonzero() > 0)
         (self.out / f"rank{self.global_rank}").write_text(str(kept))
 
 
