@@ -18,7 +18,7 @@ from ppfr.protect.lfsa import LFSA
 from ppfr.template import ARCFACE_112
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESETS = ["paper", "lfsa", "wo_f", "wo_c", "wo_p"]
+PRESETS = ["paper", "lfsa", "lfsa_transfer", "wo_f", "wo_c", "wo_p"]
 SURROGATE = "mobilefacenet_relu6"
 
 
@@ -258,6 +258,11 @@ def test_presets_are_deltas_of_the_paper():
     assert lfsa["boosters"]["input_diversity"]["enabled"]
     for name, key in (("wo_f", "highpass"), ("wo_c", "prune"), ("wo_p", "noise")):
         assert to_dict(load_option("protect", name)) == {**lfsa, key: {**lfsa[key], "enabled": False}}, name
+    keep = {
+        "highpass": {**lfsa["highpass"], "omega_c": 0.02},
+        "prune": {**lfsa["prune"], "regions": ["eyes", "nose", "mouth"]},
+    }
+    assert to_dict(load_option("protect", "lfsa_transfer")) == {**lfsa, **keep}
 
 
 def test_constructor_defaults_are_the_paper_preset(surrogate):

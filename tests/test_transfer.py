@@ -86,6 +86,18 @@ def test_margin_weights_follow_the_thresholds(zoo, faces):
         LFSA(surrogates, boosters=margin)
 
 
+def test_margin_stops_an_image_whose_surrogates_are_all_past(zoo, faces):
+    """With every surrogate past its threshold nothing pulls, not even the entropy term: the image
+    stays at its start X0 (the same seeds draw the same fill and noise)."""
+    surrogates = [zoo[n] for n in SURROGATES]
+    margin = {"margin": {"enabled": True, "stop_margin": 0.1}}
+    done = LFSA(surrogates, steps=2, boosters=margin, thresholds=[-1.0, -1.0])(faces, SEEDS)
+    start = LFSA(surrogates, steps=0)(faces, SEEDS)
+    torch.testing.assert_close(done, start, atol=0, rtol=0)
+    moving = LFSA(surrogates, steps=2, boosters=margin, thresholds=[-1.0, 1.0])(faces, SEEDS)
+    assert (moving - start).abs().mean() > 1e-3
+
+
 def test_monitors_watch_without_changing_the_result(zoo, faces, plain):
     method = LFSA(
         [zoo[n] for n in SURROGATES],

@@ -432,16 +432,20 @@ class LFSA(ProtectionMethod):
                 ],
                 1,
             )  # B x n
+        gamma = self.gamma if self.noise.enabled else 0.0  # w/o P: N' = 1 and gamma = 0
+        pulled = torch.ones_like(cos[:, 0])
         margin = boost.margin
         if margin.enabled:  # softmin over margins; a surrogate past threshold + stop_margin stops pulling
             m = cos.detach() - self.thresholds
             w = weights * torch.softmax(-m / margin.temperature, dim=1) * (m < margin.stop_margin)
             weights = w / w.sum(1, keepdim=True).clamp_min(1e-12) * self.betas.sum()
-        gamma = self.gamma if self.noise.enabled else 0.0  # w/o P: N' = 1 and gamma = 0
+            # An image whose surrogates all stopped is done: its entropy term stops too, or the
+            # normalised step would follow entropy alone at full size and wipe out the identity.
+            pulled = (w.sum(1) > 0).to(cos.dtype)
         ent = torch.zeros_like(cos[:, 0])
         if gamma:
             ent = parts.histogram_entropy(image, self.entropy.bins, self.entropy.bandwidth)
-        return (weights * cos).sum(1) + gamma * ent, cos, ent
+        return (weights * cos).sum(1) + gamma * pulled * ent, cos, ent
 
     def _neighbours(self, image: Tensor, targets, weights, draws, boost_gens) -> Tensor:
         """Mean gradient at ``variance_tuning.n`` random points within +-radius of ``image``."""
