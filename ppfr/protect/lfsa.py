@@ -440,7 +440,7 @@ class LFSA(ProtectionMethod):
             w = weights * torch.softmax(-m / margin.temperature, dim=1) * (m < margin.stop_margin)
             weights = w / w.sum(1, keepdim=True).clamp_min(1e-12) * self.betas.sum()
             # An image whose surrogates all stopped is done: its entropy term stops too, or the
-            # normalised step would follow entropy alone at full size and wipe out the identity.
+            # normalised step would follow the entropy gradient alone, at full size.
             pulled = (w.sum(1) > 0).to(cos.dtype)
         ent = torch.zeros_like(cos[:, 0])
         if gamma:
