@@ -433,7 +433,7 @@ class LFSA(ProtectionMethod):
                 1,
             )  # B x n
         gamma = self.gamma if self.noise.enabled else 0.0  # w/o P: N' = 1 and gamma = 0
-        pulled = torch.ones_like(cos[:, 0])
+        pulled: Tensor | float = 1.0  # per image: 0 once the margin booster has stopped every surrogate
         margin = boost.margin
         if margin.enabled:  # softmin over margins; a surrogate past threshold + stop_margin stops pulling
             m = cos.detach() - self.thresholds
