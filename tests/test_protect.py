@@ -260,7 +260,9 @@ def test_presets_are_deltas_of_the_paper():
         assert to_dict(load_option("protect", name)) == {**lfsa, key: {**lfsa[key], "enabled": False}}, name
     keep = {
         "highpass": {**lfsa["highpass"], "omega_c": 0.02},
-        "prune": {**lfsa["prune"], "regions": ["eyes", "nose", "mouth"]},
+        "prune": {**lfsa["prune"], "regions": ["eyes", "nose", "mouth"], "kappa": 2.5},
+        "steps": 60,
+        "stop_ssim": 0.098,
     }
     assert to_dict(load_option("protect", "lfsa_transfer")) == {**lfsa, **keep}
 
@@ -270,7 +272,7 @@ def test_constructor_defaults_are_the_paper_preset(surrogate):
     cfg.pop("ensemble")
     preset, default = create(cfg, [surrogate]), LFSA([surrogate])
     keys = ("highpass", "prune", "noise", "entropy", "boosters", "gamma", "alpha", "sign_step", "mu", "p")
-    for key in (*keys, "steps", "update"):
+    for key in (*keys, "steps", "stop_ssim", "update"):
         assert getattr(preset, key) == getattr(default, key), key
 
 
@@ -327,6 +329,8 @@ def test_sign_update_keeps_pixels_off_the_bounds(faces, surrogate):
             {"boosters": {"feature_dropout": {"rate": 0.1, "layers": [1.5]}}},
             "boosters.feature_dropout.layers",
         ),
+        ({"boosters": {"linear_backward": {"start": 1.5}}}, "boosters.linear_backward.start"),
+        ({"boosters": {"linear_backward": {"enabled": 1}}}, "boosters.linear_backward.enabled"),
         ({"boosters": {"views": {"k": -1}}}, "boosters.views.k"),
         ({"boosters": {"views": {"resample": 0}}}, "boosters.views.resample"),
         ({"boosters": {"variance_tuning": {"radius": 0}}}, "boosters.variance_tuning.radius"),
@@ -334,6 +338,7 @@ def test_sign_update_keeps_pixels_off_the_bounds(faces, surrogate):
         ({"boosters": {"margin": {"enabled": True}}}, "boosters.margin"),  # no thresholds given
         ({"boosters": {"lowres": {"size": 2}}}, "boosters.lowres.size"),
         ({"monitor_every": 0}, "monitor_every"),
+        ({"stop_ssim": 1.0}, "stop_ssim"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )

@@ -9,11 +9,13 @@ import math
 import pytest
 import torch
 from conftest import first_faces
+from torchmetrics.functional.image import structural_similarity_index_measure
 
 from ppfr import recognizers
 from ppfr.errors import ConfigError
 from ppfr.fit import main
-from ppfr.protect.lfsa import LFSA
+from ppfr.protect import parts
+from ppfr.protect.lfsa import LFSA, ssim
 from ppfr.tasks.transfer import wilson
 
 SURROGATES = ["mobilefacenet_relu6", "faceplugin_mobilefacenet"]
@@ -30,6 +32,7 @@ BOOSTERS = {
     ),
     "lowres": ({"size": 28, "weight": 1.0}, {"size": 0, "weight": 3.0}),
     "ti_kernel": (9, 0),
+    "linear_backward": ({"enabled": True, "start": 0.5}, {"enabled": False, "start": 0.0}),
 }
 
 
@@ -72,6 +75,44 @@ def test_feature_dropout_leaves_the_surrogates_as_they_were(zoo, faces):
     protect(zoo, faces, {"feature_dropout": {"rate": 0.1, "layers": [0.0, 0.5, 1.0]}})
     assert not any(m._forward_hooks for r in zoo.values() for m in r.modules())
     torch.testing.assert_close(zoo[SURROGATES[0]](faces), before)
+
+
+def test_linear_backward_keeps_the_output_and_changes_only_the_gradient(zoo, faces):
+    """LinBP: the embedding is exactly the network's, the input gradient is not; the hooks go after."""
+    f = zoo[SURROGATES[0]]
+    layers = parts.activations(f, 0.5)
+    assert 0 < len(layers) < len(parts.activations(f, 0.0))
+
+    def embedding_and_gradient() -> tuple[torch.Tensor, torch.Tensor]:
+        x = faces.clone().requires_grad_(True)
+        e = f(x)
+        return e.detach(), torch.autograd.grad(e.square().sum(), x)[0]
+
+    plain_e, plain_g = embedding_and_gradient()
+    with parts.linear_backward(layers):
+        linear_e, linear_g = embedding_and_gradient()
+    torch.testing.assert_close(linear_e, plain_e, atol=1e-5, rtol=0)
+    assert torch.nn.functional.cosine_similarity(linear_g.flatten(), plain_g.flatten(), dim=0) < 0.99
+    assert not any(m._forward_hooks for m in f.modules())
+    torch.testing.assert_close(embedding_and_gradient()[1], plain_g)
+
+
+def test_stop_ssim_stops_each_image_at_its_budget(zoo, faces):
+    surrogates = [zoo[n] for n in SURROGATES]
+    start = LFSA(surrogates, steps=0)(faces, SEEDS)
+    plain = LFSA(surrogates, steps=6)(faces, SEEDS)
+    # X0 is already within a loose budget: nothing moves. A budget no image reaches changes nothing.
+    torch.testing.assert_close(LFSA(surrogates, steps=6, stop_ssim=0.99)(faces, SEEDS), start, atol=0, rtol=0)
+    lowres = LFSA(surrogates, steps=6, stop_ssim=0.99, boosters={"lowres": {"size": 28}})  # z stops too
+    torch.testing.assert_close(lowres(faces, SEEDS), start, atol=0, rtol=0)
+    torch.testing.assert_close(LFSA(surrogates, steps=6, stop_ssim=1e-6)(faces, SEEDS), plain, atol=0, rtol=0)
+    budget = (ssim(start, faces).min() + ssim(plain, faces).max()).item() / 2
+    stopped = LFSA(surrogates, steps=6, stop_ssim=budget)(faces, SEEDS)
+    assert (ssim(stopped, faces) <= budget).all()
+    # The budget is the evaluation's SSIM (torchmetrics), computed faster.
+    expected = structural_similarity_index_measure(plain, faces, data_range=1.0, reduction="none")
+    torch.testing.assert_close(ssim(plain, faces), expected, atol=1e-5, rtol=0)
+    assert (stopped - start).abs().mean() > 1e-3 and (stopped - plain).abs().mean() > 1e-4
 
 
 def test_margin_weights_follow_the_thresholds(zoo, faces):

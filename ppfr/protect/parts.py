@@ -333,6 +333,38 @@ def feature_dropout(
             handle.remove()
 
 
+ACTIVATIONS = (torch.nn.ReLU, torch.nn.Hardtanh, torch.nn.PReLU, torch.nn.LeakyReLU)  # ReLU6 is a Hardtanh
+
+
+def activations(network: torch.nn.Module, start: float) -> list[torch.nn.Module]:
+    """The activation modules of ``network`` from relative depth ``start`` (0 = first, 1 = last) on,
+    in registration order, which is forward order for the zoo's native networks."""
+    acts = [m for m in network.modules() if isinstance(m, ACTIVATIONS)]
+    if not acts:
+        raise ConfigError(
+            f"{type(network).__name__} has no activation module ({', '.join(a.__name__ for a in ACTIVATIONS)}) "
+            "for protect.boosters.linear_backward"
+        )
+    return acts[round(float(start) * (len(acts) - 1)) :]
+
+
+@contextmanager
+def linear_backward(layers: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """While active, each of ``layers`` keeps its output but passes the gradient to its input
+    unchanged, as if it were linear (LinBP, Guo et al., NeurIPS 2020, who found such gradients to
+    transfer better on ImageNet; on the zoo's face models it breaks the ascent: README)."""
+
+    def hook(module: torch.nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> Tensor:
+        return inputs[0] + (out - inputs[0]).detach()
+
+    handles = [layer.register_forward_hook(hook) for layer in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def model_dropout(draws: Tensor, q: float) -> Tensor:
     """B x n keep weights in {0,1}: each surrogate dropped with prob q, at least one kept per item."""
     keep = draws >= q

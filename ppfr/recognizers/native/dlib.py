@@ -36,6 +36,7 @@ class Residual(nn.Module):
             if conv.stride == (1, 1):
                 conv.padding = (1, 1)  # the export pads these at run time
         self.conv1, self.conv2 = conv1, conv2
+        self.relu = nn.ReLU()  # a module, so that boosters can hook it
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.conv2(self.conv1(x))
@@ -43,7 +44,7 @@ class Residual(nn.Module):
             x = F.avg_pool2d(x, 2)
         if out.shape != x.shape:
             out, x = _pad_to(out, x), _pad_to(x, out)
-        return F.relu(out + x)
+        return self.relu(out + x)
 
 
 def _pad_to(a: Tensor, b: Tensor) -> Tensor:
