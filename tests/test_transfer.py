@@ -107,8 +107,26 @@ def test_stop_ssim_stops_each_image_at_its_budget(zoo, faces):
     torch.testing.assert_close(lowres(faces, SEEDS), start, atol=0, rtol=0)
     torch.testing.assert_close(LFSA(surrogates, steps=6, stop_ssim=1e-6)(faces, SEEDS), plain, atol=0, rtol=0)
     budget = (ssim(start, faces).min() + ssim(plain, faces).max()).item() / 2
-    stopped = LFSA(surrogates, steps=6, stop_ssim=budget)(faces, SEEDS)
+    method = LFSA(surrogates, steps=6, stop_ssim=budget)
+    rows = []
+    hook = surrogates[0].register_forward_hook(lambda m, i, out: rows.append(len(out)))
+    try:
+        stopped = method(faces, SEEDS)
+    finally:
+        hook.remove()
     assert (ssim(stopped, faces) <= budget).all()
+    # Image i is X_s of the plain ascent at the first step s_i where it is within the budget, and
+    # it leaves the batch there: the surrogates see it at steps 0 .. s_i only.
+    ascent = [start, *(LFSA(surrogates, steps=s)(faces, SEEDS) for s in range(1, 6)), plain]
+    within = torch.stack([ssim(a, faces) <= budget for a in ascent])  # step x image
+    first = [int(col.nonzero()[0]) if col.any() else 6 for col in within.T]
+    assert min(first) < 5, first  # one image stops early, so the batch shrinks
+    torch.testing.assert_close(
+        stopped, torch.stack([ascent[s][i] for i, s in enumerate(first)]), atol=1e-5, rtol=0
+    )
+    moving = [sum(s >= t for s in first) for t in range(6)]
+    assert rows == [len(faces), *moving]  # the targets, then each step's moving images
+    assert method.last_history["moving"] == [m / len(faces) for m in moving]
     # The budget is the evaluation's SSIM (torchmetrics), computed faster.
     expected = structural_similarity_index_measure(plain, faces, data_range=1.0, reduction="none")
     torch.testing.assert_close(ssim(plain, faces), expected, atol=1e-5, rtol=0)

@@ -181,6 +181,16 @@ def ssim(a: Tensor, b: Tensor, size: int = 11, sigma: float = 1.5) -> Tensor:
     return (num / den).flatten(1).mean(1)
 
 
+def pick(v: Tensor, rows: Tensor | None) -> Tensor:
+    """The ``rows`` of ``v`` (all of it when None)."""
+    return v if rows is None else v[rows]
+
+
+def put(v: Tensor, rows: Tensor | None, new: Tensor) -> Tensor:
+    """``v`` with its ``rows`` replaced by ``new`` (``new`` itself when rows is None)."""
+    return new if rows is None else v.index_copy(0, rows, new)
+
+
 def hold(done: Tensor | None, old: Tensor, new: Tensor) -> Tensor:
     """``new``, except the images marked ``done``, which keep ``old``."""
     return new if done is None else torch.where(done.view(-1, *[1] * (new.ndim - 1)), old, new)
@@ -201,8 +211,10 @@ class LFSA(ProtectionMethod):
 
     After each ``forward``, ``last_history`` holds per step t = 0..T-1 the batch-mean ``loss``,
     ``cos`` (the beta-weighted surrogate mean), ``entropy``, ``cos/<surrogate>`` (as the loss sees
-    it: through the views and dropout) and, with monitors, ``monitor/<surrogate or monitor>`` (nan
-    at the steps not watched). It is collected on the device and read back once per call.
+    it: through the views and dropout), ``moving`` (the share of images still short of the SSIM
+    budget; a stopped image counts with its last values) and, with monitors,
+    ``monitor/<surrogate or monitor>`` (nan at the steps not watched). It is collected on the
+    device and read back once per call.
     """
 
     name = "lfsa"
@@ -401,7 +413,9 @@ class LFSA(ProtectionMethod):
     ) -> tuple[Tensor, list[Tensor]]:
         """T steps of eq. 9 from X0 (``gens``: the method's draws, ``boost_gens``: the boosters').
 
-        Also returns the per-step history rows, on the device.
+        With an SSIM budget, an image that reaches it keeps its X_t (and z) and leaves the batch,
+        so the surrogates spend no more passes on it. Also returns the per-step history rows, on
+        the device: batch means, an image that stopped counting with its last step's values.
         """
         b, dev = x.shape[0], x.device
         boost, vt, lowres = self.boosters, self.boosters.variance_tuning, self.boosters.lowres
@@ -414,41 +428,55 @@ class LFSA(ProtectionMethod):
         z = x0.new_zeros(b, 3, size, size) if lowres.size else None
         gz = torch.zeros_like(z) if z is not None else None
         variance = torch.zeros_like(x0)
+        last = (x0.new_zeros(b), x0.new_zeros(b, n_models), x0.new_zeros(b))  # loss, cos, entropy
         history: list[Tensor] = []
         unwatched = x0.new_full((len(watched),), float("nan"))
+        moving: Tensor | None = None  # indices of the images still moving; None: all of them
         for t in range(self.steps):
-            draws = parts.uniform(gens, 4 + n_models, dev)  # input diversity, model dropout
-            weights = self.betas.expand(b, n_models)
+            if moving is not None and not len(moving):  # every image has stopped: nothing changes
+                history.append(history[-1])
+                continue
+            mine = [gens[i] for i in moving.tolist()] if moving is not None else gens
+            boost_mine = [boost_gens[i] for i in moving.tolist()] if moving is not None else boost_gens
+            xa, ga, va = (pick(v, moving) for v in (xt, g, variance))
+            za, gza = (pick(v, moving) if v is not None else None for v in (z, gz))
+            ta = [pick(v, moving) for v in targets]
+            draws = parts.uniform(mine, 4 + n_models, dev)  # input diversity, model dropout
+            weights = self.betas.expand(len(xa), n_models)
             if boost.model_dropout > 0:
                 keep = parts.model_dropout(draws[:, 4:], boost.model_dropout)
                 weights = weights * keep / (weights * keep).sum(1, keepdim=True) * self.betas.sum()
-            xt.requires_grad_(True)
-            inputs = [xt] if z is None else [xt, z.requires_grad_(True)]
-            image = self._compose(xt, z)
-            watch = t % self.monitor_every == 0 or t == self.steps - 1
-            seen_by_monitors = self._watch(image, watched) if self.monitors and watch else unwatched
-            loss, cos, ent = self._objective(image, targets, weights, draws[:, :4], boost_gens)
+            xa.requires_grad_(True)
+            inputs = [xa] if za is None else [xa, za.requires_grad_(True)]
+            image = self._compose(xa, za)
+            watch = self.monitors and (t % self.monitor_every == 0 or t == self.steps - 1)
+            seen_by_monitors = self._watch(self._compose(xt, z), watched) if watch else unwatched
+            loss, cos, ent = self._objective(image, ta, weights, draws[:, :4], boost_mine)
             grads = torch.autograd.grad(loss.sum(), inputs)
-            means = torch.stack([loss.mean(), (cos * self.betas).sum(1).mean(), ent.mean()])
-            history.append(torch.cat([means, cos.mean(0), seen_by_monitors]).detach())
+            last = tuple(put(v, moving, now.detach()) for v, now in zip(last, (loss, cos, ent), strict=True))
+            means = torch.stack([last[0].mean(), (last[1] * self.betas).sum(1).mean(), last[2].mean()])
+            share = x0.new_ones(1) * (1.0 if moving is None else len(moving) / b)
+            history.append(torch.cat([means, last[1].mean(0), share, seen_by_monitors]).detach())
             grad = grads[0]
             if vt.n:  # VMI: this step's gradient + the last step's neighbourhood variance
-                around = self._neighbours(image.detach(), targets, weights, draws[:, :4], boost_gens)
-                grad, variance = grad + variance, around - grad
-            xt = xt.detach()
+                around = self._neighbours(image.detach(), ta, weights, draws[:, :4], boost_mine)
+                grad, va = grad + va, around - grad
+            xa = xa.detach()
             if boost.ti_kernel > 1:
                 with torch.autocast(dev.type, enabled=False):
                     grad = parts.blur(grad, boost.ti_kernel)
-            g = self.mu * g + self._normalise(grad)
+            ga = self.mu * ga + self._normalise(grad)
             # An image at or below its SSIM budget keeps its X_t (and z) from here on.
-            done = ssim(self._compose(xt, z), x) <= self.stop_ssim if self.stop_ssim else None
-            xt = hold(done, xt, self._step(xt, self._direction(g), gens))
-            if z is not None:
-                gz = self.mu * gz + self._normalise(grads[1])
+            done = ssim(self._compose(xa, za), pick(x, moving)) <= self.stop_ssim if self.stop_ssim else None
+            xa = hold(done, xa, self._step(xa, self._direction(ga), mine))
+            if za is not None:
+                gza = self.mu * gza + self._normalise(grads[1])
                 step = self.sign_step if self.update == "sign" else self.alpha
-                z = hold(
-                    done, z.detach(), (z.detach() + lowres.weight * step * self._direction(gz)).clamp(-1, 1)
-                )
+                za = hold(done, za.detach(), (za.detach() + lowres.weight * step * self._direction(gza)))
+                z, gz = put(z, moving, za.clamp(-1, 1)), put(gz, moving, gza)
+            xt, g, variance = put(xt, moving, xa), put(g, moving, ga), put(variance, moving, va)
+            if done is not None:
+                moving = (torch.arange(b, device=dev) if moving is None else moving)[~done]
         return self._compose(xt, z).detach(), history
 
     def _compose(self, xt: Tensor, z: Tensor | None) -> Tensor:
@@ -555,6 +583,7 @@ class LFSA(ProtectionMethod):
         names = [getattr(f, "name", str(i)) for i, f in enumerate(self.recognizers)]
         watched = [getattr(m, "name", f"monitor{j}") for j, m in enumerate(self.monitors)]
         watched = [*names, *watched] if self.monitors else []
-        keys = ["loss", "cos", "entropy", *(f"cos/{n}" for n in names), *(f"monitor/{n}" for n in watched)]
+        keys = ["loss", "cos", "entropy", *(f"cos/{n}" for n in names), "moving"]
+        keys += [f"monitor/{n}" for n in watched]
         rows = torch.stack(history).tolist() if history else []  # the one sync
         self.last_history = {k: [r[i] for r in rows] for i, k in enumerate(keys)}
