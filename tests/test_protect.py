@@ -261,7 +261,9 @@ def test_presets_are_deltas_of_the_paper():
     keep = {
         "highpass": {**lfsa["highpass"], "omega_c": 0.02},
         "prune": {**lfsa["prune"], "regions": ["eyes", "nose", "mouth"], "kappa": 2.5},
-        "steps": 60,
+        "gamma": 20.0,
+        "boosters": {**lfsa["boosters"], "views": {**lfsa["boosters"]["views"], "k": 2}},
+        "steps": 100,
         "stop_ssim": 0.098,
     }
     assert to_dict(load_option("protect", "lfsa_transfer")) == {**lfsa, **keep}

@@ -414,7 +414,8 @@ class LFSA(ProtectionMethod):
         """T steps of eq. 9 from X0 (``gens``: the method's draws, ``boost_gens``: the boosters').
 
         With an SSIM budget, an image that reaches it keeps its X_t (and z) and leaves the batch,
-        so the surrogates spend no more passes on it. Also returns the per-step history rows, on
+        so the surrogates spend no more passes on it (at one read-back per step: which images
+        still move). Also returns the per-step history rows, on
         the device: batch means, an image that stopped counting with its last step's values.
         """
         b, dev = x.shape[0], x.device
