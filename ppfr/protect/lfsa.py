@@ -437,8 +437,8 @@ class LFSA(ProtectionMethod):
             if moving is not None and not len(moving):  # every image has stopped: nothing changes
                 history.append(history[-1])
                 continue
-            mine = [gens[i] for i in moving.tolist()] if moving is not None else gens
-            boost_mine = [boost_gens[i] for i in moving.tolist()] if moving is not None else boost_gens
+            rows = moving.tolist() if moving is not None else range(b)  # the step's one read-back
+            mine, boost_mine = [gens[i] for i in rows], [boost_gens[i] for i in rows]
             xa, ga, va = (pick(v, moving) for v in (xt, g, variance))
             za, gza = (pick(v, moving) if v is not None else None for v in (z, gz))
             ta = [pick(v, moving) for v in targets]

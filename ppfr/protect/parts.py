@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -325,7 +325,14 @@ def feature_dropout(
         u = torch.stack([torch.rand(shape, generator=g, device=out.device) for g in gens], 1)
         return out * (u.flatten(0, 1) >= rate).to(out.dtype) / (1 - rate)
 
-    handles = [layer.register_forward_hook(hook) for layer in layers] if rate > 0 else []
+    with forward_hooks(layers if rate > 0 else [], hook):
+        yield
+
+
+@contextmanager
+def forward_hooks(layers: Sequence[torch.nn.Module], hook: Callable) -> Iterator[None]:
+    """``hook`` on the forward of each of ``layers`` while active, removed after (errors included)."""
+    handles = [layer.register_forward_hook(hook) for layer in layers]
     try:
         yield
     finally:
@@ -357,12 +364,8 @@ def linear_backward(layers: Sequence[torch.nn.Module]) -> Iterator[None]:
     def hook(module: torch.nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> Tensor:
         return inputs[0] + (out - inputs[0]).detach()
 
-    handles = [layer.register_forward_hook(hook) for layer in layers]
-    try:
+    with forward_hooks(layers, hook):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def model_dropout(draws: Tensor, q: float) -> Tensor:
