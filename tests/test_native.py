@@ -111,6 +111,9 @@ def test_native_weights_hold_no_subnormal_numbers(models_dir):
     assert subnormals(recognizers.create(name, models_dir, backend="onnx").parameters()) > 1000
     native = recognizers.create(name, models_dir).network
     assert subnormals([*native.parameters(), *native.buffers()]) == 0
+    # its 1,378 channels with a zero depthwise kernel left their blocks (the embeddings are checked above)
+    channels = sum(m.out_channels for m in native.modules() if isinstance(m, ConvAct))
+    assert channels == 10176 - 2 * 1378, channels
 
 
 def test_backend_is_checked_and_other_models_keep_onnx2torch(models_dir):
@@ -171,6 +174,42 @@ def test_pad_batchnorm_and_prelu_fold_into_one_conv_and_gemm_into_linear(tmp_pat
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         np.testing.assert_allclose(net(x).numpy(), _onnxruntime(path, x), atol=1e-4)
+
+
+def test_channels_with_a_zero_depthwise_kernel_leave_the_block(tmp_path):
+    """expand -> depthwise -> project: a channel whose depthwise kernel is zero outputs a constant,
+    so it leaves all three convolutions and the projection's bias takes that constant."""
+    rng = np.random.default_rng(1)
+    c, dead = 8, [2, 5]
+    dw = rng.normal(size=(c, 1, 3, 3))
+    dw[dead] = 0.0
+    dw[dead[0], 0, 1, 1] = 1e-9  # numerically zero next to kernels of size ~1
+    init = {
+        "we": rng.normal(size=(c, 3, 1, 1)),
+        "be": rng.normal(size=c),
+        "se": rng.uniform(0, 0.5, (c, 1, 1)),
+        "wd": dw,
+        "bd": rng.normal(size=c),
+        "sd": rng.uniform(0, 0.5, (c, 1, 1)),
+        "wp": rng.normal(size=(4, c, 1, 1)),
+        "bp": rng.normal(size=4),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "we", "be"], ["e"]),
+        helper.make_node("PRelu", ["e", "se"], ["ea"]),
+        helper.make_node("Conv", ["ea", "wd", "bd"], ["d"], group=c, strides=[2, 2], pads=[0, 0, 1, 1]),
+        helper.make_node("PRelu", ["d", "sd"], ["da"]),
+        helper.make_node("Conv", ["da", "wp", "bp"], ["p"]),
+        helper.make_node("GlobalAveragePool", ["p"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["y"]),
+    ]
+    model, path = _graph_file(tmp_path, nodes, init)
+    expand, depthwise, project = (m for m in convert(model, path).modules() if isinstance(m, ConvAct))
+    assert (expand.out_channels, depthwise.groups, project.in_channels) == (c - 2, c - 2, c - 2)
+    assert expand.act.weight.shape == depthwise.act.weight.shape == (c - 2,)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        np.testing.assert_allclose(convert(model, path)(x).numpy(), _onnxruntime(path, x), atol=1e-4)
 
 
 def test_unsupported_graphs_name_the_node(tmp_path):

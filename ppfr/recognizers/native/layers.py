@@ -93,6 +93,25 @@ class ConvAct(nn.Conv2d):
             self.bias.copy_(bias)
         self.act = activation(act, slope)
 
+    def keep(self, out: Tensor | None = None, inp: Tensor | None = None) -> None:
+        """Keep only the output channels `out` and input channels `inp` (boolean masks), in place."""
+        with torch.no_grad():
+            w, b = self.weight, self.bias
+            if out is not None:
+                w, b = w[out], b[out]
+                if isinstance(self.act, nn.PReLU):
+                    self.act.weight = nn.Parameter(self.act.weight[out], self.act.weight.requires_grad)
+                    self.act.num_parameters = int(out.sum())
+            if inp is not None and self.groups == 1:
+                w = w[:, inp]
+            self.weight, self.bias = (
+                nn.Parameter(w.clone(), w.requires_grad),
+                nn.Parameter(b.clone(), b.requires_grad),
+            )
+        if self.groups > 1:  # depthwise: its channels are its groups
+            self.groups = w.shape[0]
+        self.out_channels, self.in_channels = w.shape[0], w.shape[1] * self.groups
+
     def forward(self, x: Tensor) -> Tensor:
         if self.uneven is not None:
             x = F.pad(x, self.uneven)
