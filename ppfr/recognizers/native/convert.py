@@ -425,7 +425,7 @@ def drop_dead_channels(net: fx.GraphModule, rel: float = 1e-6) -> fx.GraphModule
             constant = dw.act(dw.bias.view(1, -1, 1, 1)).view(-1)  # each channel's output, input aside
             project.bias += project.weight[:, dead, 0, 0] @ constant[dead]
             expand.keep(out=keep)
-            dw.keep(out=keep, inp=keep)
+            dw.keep(out=keep)
             project.keep(inp=keep)
     return net
 
