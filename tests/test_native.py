@@ -204,12 +204,13 @@ def test_channels_with_a_zero_depthwise_kernel_leave_the_block(tmp_path):
         helper.make_node("Flatten", ["g"], ["y"]),
     ]
     model, path = _graph_file(tmp_path, nodes, init)
-    expand, depthwise, project = (m for m in convert(model, path).modules() if isinstance(m, ConvAct))
+    net = convert(model, path)
+    expand, depthwise, project = (m for m in net.modules() if isinstance(m, ConvAct))
     assert (expand.out_channels, depthwise.groups, project.in_channels) == (c - 2, c - 2, c - 2)
     assert expand.act.weight.shape == depthwise.act.weight.shape == (c - 2,)
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
-        np.testing.assert_allclose(convert(model, path)(x).numpy(), _onnxruntime(path, x), atol=1e-4)
+        np.testing.assert_allclose(net(x).numpy(), _onnxruntime(path, x), atol=1e-4)
 
 
 def test_unsupported_graphs_name_the_node(tmp_path):

@@ -94,20 +94,21 @@ class ConvAct(nn.Conv2d):
         self.act = activation(act, slope)
 
     def keep(self, out: Tensor | None = None, inp: Tensor | None = None) -> None:
-        """Keep only the output channels `out` and input channels `inp` (boolean masks), in place."""
+        """Keep only the output channels `out` and input channels `inp` (boolean masks), in place.
+
+        A depthwise convolution's input channels are its output channels: give it `out` only."""
+        trainable = self.weight.requires_grad  # indexing under no_grad would drop the flag
         with torch.no_grad():
             w, b = self.weight, self.bias
             if out is not None:
                 w, b = w[out], b[out]
                 if isinstance(self.act, nn.PReLU):
-                    self.act.weight = nn.Parameter(self.act.weight[out], self.act.weight.requires_grad)
+                    slope = self.act.weight
+                    self.act.weight = nn.Parameter(slope[out], slope.requires_grad)
                     self.act.num_parameters = int(out.sum())
             if inp is not None and self.groups == 1:
                 w = w[:, inp]
-            self.weight, self.bias = (
-                nn.Parameter(w.clone(), w.requires_grad),
-                nn.Parameter(b.clone(), b.requires_grad),
-            )
+            self.weight, self.bias = nn.Parameter(w.clone(), trainable), nn.Parameter(b.clone(), trainable)
         if self.groups > 1:  # depthwise: its channels are its groups
             self.groups = w.shape[0]
         self.out_channels, self.in_channels = w.shape[0], w.shape[1] * self.groups
