@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from attacks.pairs import PairData
 from ppfr.config import to_dict
-from ppfr.devices import FlushDenormals
+from ppfr.devices import CpuSettings
 from ppfr.errors import ConfigError
 from ppfr.run import Run
 
@@ -32,7 +32,7 @@ def fit(cfg: DictConfig, run: Run, module: L.LightningModule, data: PairData) ->
         save_last=True,
         save_top_k=1,
     )
-    callbacks: list[L.Callback] = [best, FlushDenormals(cfg.flush_denormal)]
+    callbacks: list[L.Callback] = [best, CpuSettings(cfg.flush_denormal, cfg.keep_freed_memory)]
     if has_val and acfg.early_stopping_patience > 0:
         callbacks.append(EarlyStopping(monitor="val/loss", mode="min", patience=acfg.early_stopping_patience))
     every = acfg.val_every_n_steps

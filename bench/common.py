@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import torch
 
+from ppfr.devices import apply_cpu_settings
+
 
 def machine(device: torch.device) -> str:
     """CPU model, core count, GPU (if any), torch version and the threads torch uses."""
@@ -26,19 +28,28 @@ def machine(device: torch.device) -> str:
     )
 
 
-def add_denormal_option(ap: argparse.ArgumentParser) -> None:
+def add_cpu_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--keep-denormals",
         action="store_true",
         help="compute with subnormal floats (slow on x86 CPUs) instead of flushing them to zero, "
         "as ppfr.fit does by default (flush_denormal)",
     )
+    ap.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc malloc as it is instead of keeping freed memory for reuse, "
+        "as ppfr.fit does by default (keep_freed_memory)",
+    )
 
 
-def set_denormals(args: argparse.Namespace) -> str:
-    """Apply --keep-denormals before the thread pool starts (its threads inherit the setting)."""
-    torch.set_flush_denormal(not args.keep_denormals)
-    return "denormals kept" if args.keep_denormals else "denormals flushed"
+def apply_cpu_options(args: argparse.Namespace) -> str:
+    """Apply the CPU options before the thread pool starts (its threads inherit the denormal setting)."""
+    apply_cpu_settings(not args.keep_denormals, not args.default_malloc)
+    return (
+        f"denormals {'kept' if args.keep_denormals else 'flushed'} | "
+        f"malloc {'default' if args.default_malloc else 'keeps freed memory'}"
+    )
 
 
 def sync(device: torch.device) -> None:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_denormal_option, machine, set_denormals, sync, timed  # noqa: E402
+from common import add_cpu_options, apply_cpu_options, machine, sync, timed  # noqa: E402
 
 from ppfr import protect, recognizers  # noqa: E402
 from ppfr.config import load_option, to_dict  # noqa: E402
@@ -56,10 +56,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=5, help="optimisation steps per timed call (>= 2)")
     ap.add_argument("--repeats", type=int, default=2, help="timed calls per measurement (the fastest counts)")
-    add_denormal_option(ap)
+    add_cpu_options(ap)
     ap.add_argument("--quick", action="store_true", help="--steps 3 --repeats 1")
     args = ap.parse_args()
-    denormals = set_denormals(args)
+    cpu_options = apply_cpu_options(args)
     steps, repeats = (3, 1) if args.quick else (args.steps, args.repeats)
     if steps < 2:
         ap.error(
@@ -71,7 +71,7 @@ def main() -> None:
     full_steps = cfg["steps"]
     x = torch.rand(args.batch, 3, 112, 112, generator=torch.Generator().manual_seed(0)).to(device)
     seeds = torch.arange(args.batch, dtype=torch.int64)
-    print(f"{machine(device)} | {denormals}")
+    print(f"{machine(device)} | {cpu_options}")
     print(
         f"protect={args.protect}: ensemble {cfg['ensemble']}, T={full_steps}, batch {args.batch}, "
         f"timed with {steps} steps, fastest of {repeats}"

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_denormal_option, machine, set_denormals, timed  # noqa: E402
+from common import add_cpu_options, apply_cpu_options, machine, timed  # noqa: E402
 
 from ppfr import recognizers  # noqa: E402
 from ppfr.recognizers.onnx import load_catalog  # noqa: E402
@@ -48,13 +48,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per variant (the fastest counts)")
     ap.add_argument("--bf16", action="store_true", help="also time native under bf16 autocast")
     ap.add_argument("--compile", action="store_true", help="also time native under torch.compile")
-    add_denormal_option(ap)
+    add_cpu_options(ap)
     ap.add_argument("--quick", action="store_true", help="one timed call per variant")
     args = ap.parse_args()
-    denormals = set_denormals(args)
+    cpu_options = apply_cpu_options(args)
     device = torch.device(args.device)
     repeats = 1 if args.quick else args.repeats
-    print(f"{machine(device)} | {denormals}")
+    print(f"{machine(device)} | {cpu_options}")
     print(f"batch {args.batch}, forward + input gradient, image-steps/s (fastest of {repeats})")
     names = list(load_catalog(args.models_dir)) if args.names == ["all"] else args.names
     head = f"{'recognizer':<26}{'onnx2torch':>11}{'native NCHW':>13}{'native CL':>11}"

@@ -68,10 +68,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import torch
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+    from ppfr.devices import apply_cpu_settings
     from ppfr.run import Run
 
     # before the thread pool starts, so that its threads start with it
-    torch.set_flush_denormal(bool(cfg.flush_denormal))
+    apply_cpu_settings(bool(cfg.flush_denormal), bool(cfg.keep_freed_memory))
     torch.set_num_threads(cfg.threads)
     os.environ["OMP_NUM_THREADS"] = str(cfg.threads)  # processes a launcher starts from here inherit it
     with Run(cfg) as run:  # results.json says running, then ok, or failed with the error

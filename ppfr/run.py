@@ -137,6 +137,7 @@ class Run:
                 "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                 "threads": torch.get_num_threads(),
                 "flush_denormal": bool(cfg.flush_denormal),
+                "keep_freed_memory": bool(cfg.keep_freed_memory),
             },
         )
 

@@ -7,6 +7,7 @@ Two CPU processes talking over gloo; no `run_dir`, so each process would pick it
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from ppfr.devices import FlushDenormals
+from ppfr.devices import CpuSettings
 from ppfr.generate import safe_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,10 +78,35 @@ def test_ranks_write_one_complete_set(launcher, faces_mini, models_dir, align_ca
     assert len(curve) == 1 + 2  # the curve gathered from both ranks, one row per step
 
 
-class _ReportsSubnormals(L.LightningModule):
-    """Writes, per rank, whether subnormal floats survive a multiplication (they do not when flushed).
-    The tensor is large enough for the multiplication to run on the rank's thread pool, not only its
-    main thread (`torch.set_flush_denormal` is per thread)."""
+def mmapped_bytes() -> int:
+    """Bytes glibc's malloc holds in mmapped blocks (mallinfo2's hblkhd)."""
+
+    fields = (
+        "arena",
+        "ordblks",
+        "smblks",
+        "hblks",
+        "hblkhd",
+        "usmblks",
+        "fsmblks",
+        "uordblks",
+        "fordblks",
+        "keepcost",
+    )
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in fields]
+
+    mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    mallinfo2.restype = MallInfo2
+    return mallinfo2().hblkhd
+
+
+class _ReportsCpuSettings(L.LightningModule):
+    """Writes, per rank, whether subnormal floats survive a multiplication (they do not when flushed)
+    and whether a 64 MiB tensor comes in its own mmapped pages (it does not when freed memory is
+    kept). The multiplication's tensor is large enough to run on the rank's thread pool, not only
+    its main thread (`torch.set_flush_denormal` is per thread)."""
 
     def __init__(self, out: Path) -> None:
         super().__init__()
@@ -88,22 +114,30 @@ class _ReportsSubnormals(L.LightningModule):
 
     def predict_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         kept = bool((torch.full((1 << 20,), 1e-39) * 1.0).count_nonzero() > 0)
-        (self.out / f"rank{self.global_rank}").write_text(str(kept))
+        before = mmapped_bytes()
+        block = torch.ones(1 << 24)  # 64 MiB, above glibc's largest mmap threshold (32 MiB)
+        mmapped = mmapped_bytes() - before >= block.nbytes
+        (self.out / f"rank{self.global_rank}").write_text(f"{kept} {mmapped}")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("enabled", [True, False])
-def test_spawned_ranks_flush_subnormals_as_configured(enabled, tmp_path):
-    """`ddp_spawn` ranks start with the CPU's default (subnormals kept); the callback sets each one."""
+def test_spawned_ranks_take_the_cpu_settings(enabled, tmp_path):
+    """`ddp_spawn` ranks start with the CPU's default (subnormals kept) and glibc's malloc as it is;
+    the callback sets each one."""
     if not torch.set_flush_denormal(True):
         pytest.skip("this CPU cannot flush subnormal numbers (not x86 with SSE3)")
+    try:
+        mmapped_bytes()
+    except (OSError, AttributeError):
+        pytest.skip("the C library is not glibc >= 2.33 (no mallinfo2)")
     torch.set_flush_denormal(False)  # what a spawned rank starts with; the callback must change it
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, enable_progress_bar=False,
-        callbacks=[FlushDenormals(enabled)],
+        callbacks=[CpuSettings(flush_denormal=enabled, keep_freed_memory=enabled)],
     )  # fmt: skip
     trainer.predict(
-        _ReportsSubnormals(tmp_path), dataloaders=DataLoader(torch.zeros(2, 1)), return_predictions=False
+        _ReportsCpuSettings(tmp_path), dataloaders=DataLoader(torch.zeros(2, 1)), return_predictions=False
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0", "rank1"]
-    assert {p.read_text() for p in tmp_path.iterdir()} == {str(not enabled)}
+    assert {p.read_text() for p in tmp_path.iterdir()} == {f"{not enabled} {not enabled}"}

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 import datamodules
 from ppfr import recognizers
 from ppfr.config import to_dict
-from ppfr.devices import FlushDenormals, device
+from ppfr.devices import CpuSettings, device
 from ppfr.errors import ConfigError
 from ppfr.generate import item_seeds
 from ppfr.protect.training import TRAINERS, MethodTrainer
@@ -60,7 +60,7 @@ def fit(cfg: DictConfig, run: Run, module: MethodTrainer, loader: DataLoader, ep
     trainer = L.Trainer(
         **kwargs,
         logger=run.logger,
-        callbacks=[callback, FlushDenormals(cfg.flush_denormal)],
+        callbacks=[callback, CpuSettings(cfg.flush_denormal, cfg.keep_freed_memory)],
         default_root_dir=run.dir,
     )
     last = ckpt_dir / "last.ckpt"
