@@ -35,22 +35,6 @@ def stores_images(method: ProtectionMethod) -> bool:
     return type(method).attacker_input is ProtectionMethod.attacker_input
 
 
-def check_disjoint_identities(train_dm, test_dm, train_key: str = "attack.train_data") -> None:
-    """Refuse training data that shares an identity with the test data (or cannot say)."""
-    train_names, test_names = set(train_dm.label_names), set(test_dm.label_names)
-    if not train_names or not test_names:
-        raise ConfigError(
-            f"{train_key}: cannot check that training and test identities are disjoint: "
-            f"{train_dm.root if not train_names else test_dm.root} has no identity labels"
-        )
-    shared = sorted(train_names & test_names)
-    if shared:
-        raise ConfigError(
-            f"{train_key}.root={train_dm.root} shares {len(shared)} identities with the test data "
-            f"{test_dm.root} (e.g. {', '.join(shared[:3])}); an attacker must be trained on other people"
-        )
-
-
 def set_dir(
     configured: str | None, cfg: DictConfig, method_record: Mapping[str, Any], data_cfg: DictConfig, kind: str
 ) -> Path:

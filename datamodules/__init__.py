@@ -14,7 +14,7 @@ from typing import Any
 from ppfr.errors import ConfigError
 
 from . import bupt, celeba, insightface_bin, lfw, pairlist  # noqa: F401  (they register themselves)
-from .base import DATAMODULES, FaceDataModule, FaceDataset, Pair, Record
+from .base import DATAMODULES, FaceDataModule, FaceDataset, Pair, Record, check_disjoint_identities
 
 
 def arguments(cls: type[FaceDataModule]) -> list[str]:
@@ -45,4 +45,13 @@ def create(cfg: Mapping[str, Any]) -> FaceDataModule:
     return cls(**cfg)
 
 
-__all__ = ["DATAMODULES", "FaceDataModule", "FaceDataset", "Pair", "Record", "arguments", "create"]
+__all__ = [
+    "DATAMODULES",
+    "FaceDataModule",
+    "FaceDataset",
+    "Pair",
+    "Record",
+    "arguments",
+    "check_disjoint_identities",
+    "create",
+]

@@ -158,6 +158,27 @@ def need_file(path: Path, what: str) -> Path:
     return path
 
 
+def check_disjoint_identities(
+    dm: FaceDataModule,
+    other: FaceDataModule,
+    key: str = "attack.train_data",
+    why: str = "an attacker must be trained on other people",
+) -> None:
+    """Refuse the set `dm` (config key `key`) when it shares an identity with `other` (or cannot say)."""
+    names, other_names = set(dm.label_names), set(other.label_names)
+    if not names or not other_names:
+        raise ConfigError(
+            f"{key}: cannot check that its identities and those of {other.root} are disjoint: "
+            f"{dm.root if not names else other.root} has no identity labels"
+        )
+    shared = sorted(names & other_names)
+    if shared:
+        raise ConfigError(
+            f"{key}.root={dm.root} shares {len(shared)} identities with {other.root} "
+            f"(e.g. {', '.join(shared[:3])}); {why}"
+        )
+
+
 class FaceDataModule(L.LightningDataModule):
     """A face dataset aligned to 112x112 through the cache, with verification pairs if it has any.
 

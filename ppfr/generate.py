@@ -34,7 +34,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from ppfr.config import to_dict
-from ppfr.devices import FlushDenormals
+from ppfr.devices import CpuSettings
 from ppfr.errors import DataError
 from ppfr.io import fsync_dir, save_png, write_atomic
 from ppfr.io import load_png as load_png  # re-exported: ppfr/evaluate.py and ppfr/tasks/evaluate.py
@@ -64,7 +64,8 @@ def build_method(
 
     `ensemble` replaces `protect.ensemble` (experiment=transfer); `monitors` are recognizers whose cos
     the method logs every `transfer.monitor_every` steps, never using their gradients. The margin
-    booster gets the surrogates' calibrated thresholds from the calibration file."""
+    booster gets the surrogates' calibrated thresholds from the calibration file, the negatives
+    booster their embeddings of its reference faces."""
     from ppfr import protect, recognizers  # the method and zoo packages import torch models: lazily
     from ppfr.verification import load_threshold
 
@@ -82,9 +83,39 @@ def build_method(
     extra: dict[str, Any] = {}
     if monitors:
         extra = {"monitors": list(monitors), "monitor_every": cfg.get("transfer", {}).get("monitor_every", 5)}
+    negatives = (method_cfg.get("boosters") or {}).get("negatives") or {}
+    if negatives.get("weight"):
+        extra["negatives"] = reference_embeddings(cfg, negatives, ensemble)
     method = protect.create({**method_cfg, **extra}, ensemble)
     models = {r.name: getattr(r, "sha256", None) for r in ensemble}
     return method, method_cfg, models, list(blackbox)
+
+
+@torch.no_grad()
+def reference_embeddings(
+    cfg: DictConfig, negatives: Mapping[str, Any], ensemble: Sequence[Recognizer]
+) -> list[torch.Tensor]:
+    """Each surrogate's embeddings of the negatives booster's reference faces: the first
+    `identities` people of `root` (identity folders; default the attackers' training people),
+    none of them among the protected people (checked: pushing faces away from the very impostors
+    the evaluation counts would flatter its FAR)."""
+    import datamodules
+
+    root = negatives.get("root") or f"{cfg.paths.data}/lfw-train"
+    key = "protect.boosters.negatives"
+    common = {"pairs_file": None, "on_no_face": "center_crop", "cache_dir": cfg.data.cache_dir}
+    ref = datamodules.create(
+        {"name": "lfw", "root": root, "subset": {"identities": negatives["identities"]}, **common}
+    )
+    datamodules.check_disjoint_identities(
+        ref, datamodules.create(to_dict(cfg.data)), key, "the reference faces must be other people"
+    )
+    faces = torch.stack([item["image"] for item in ref.dataset])
+    out = []
+    for f in ensemble:
+        dev = next(f.parameters()).device
+        out.append(torch.cat([f(chunk.to(dev)).float() for chunk in faces.split(64)]))
+    return out
 
 
 def config_hash(cfg: Any) -> str:
@@ -421,7 +452,7 @@ def generate(
         callbacks: list[Callback] = [
             ProtectedSetWriter(out, digest),
             curve,
-            FlushDenormals(cfg.flush_denormal),
+            CpuSettings(cfg.flush_denormal, cfg.keep_freed_memory),
         ]
         if cfg.trainer.enable_progress_bar:
             callbacks.append(ImageProgressBar())

@@ -50,8 +50,9 @@ def align_cache(tmp_path_factory) -> Path:
     return Path(os.environ.get("PPFR_TEST_CACHE") or tmp_path_factory.mktemp("align_cache"))
 
 
-def first_faces(faces_mini: Path, align_cache: Path, n: int):
-    """The first photo of each of the first `n` identities of faces-mini/lfw, aligned: n x 3 x 112 x 112 in [0,1]."""
+def first_faces(root: Path, align_cache: Path, n: int, subset: str = "lfw"):
+    """The first photo of each of the first `n` identities of `root`/`subset` (a folder with a
+    manifest.csv; default faces-mini/lfw), aligned: n x 3 x 112 x 112 in [0,1]."""
     import csv
 
     import numpy as np
@@ -59,10 +60,10 @@ def first_faces(faces_mini: Path, align_cache: Path, n: int):
 
     from ppfr.align import Aligner
 
-    with open(faces_mini / "lfw" / "manifest.csv") as f:
+    with open(root / subset / "manifest.csv") as f:
         first: dict[str, str] = {}
         for row in csv.DictReader(f):
             first.setdefault(row["identity"], row["relative_path"])
     aligner = Aligner(cache_dir=align_cache, on_no_face="center_crop")
-    crops = np.stack([aligner.align(faces_mini / "lfw" / p).crop for p in list(first.values())[:n]])
+    crops = np.stack([aligner.align(root / subset / p).crop for p in list(first.values())[:n]])
     return torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255

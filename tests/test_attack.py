@@ -19,7 +19,7 @@ import torch
 
 import datamodules
 from attacks import ATTACKERS
-from attacks.pairs import PairDataset, build_augment, check_disjoint_identities, split_identities
+from attacks.pairs import PairDataset, build_augment, split_identities
 from ppfr import recognizers
 from ppfr.config import compose, to_dict
 from ppfr.errors import ConfigError
@@ -219,8 +219,8 @@ def test_training_identities_must_be_disjoint_from_the_test_set(faces_mini, lfw_
 
     test = lfw(faces_mini / "lfw", identities=3)
     with pytest.raises(ConfigError, match="shares 3 identities"):
-        check_disjoint_identities(lfw(faces_mini / "lfw", identities=5), test)
-    check_disjoint_identities(lfw(lfw_train, identities=3), test)
+        datamodules.check_disjoint_identities(lfw(faces_mini / "lfw", identities=5), test)
+    datamodules.check_disjoint_identities(lfw(lfw_train, identities=3), test)
 
 
 def test_paired_augmentation_moves_x_prime_and_x_together(faces_mini, align_cache, tmp_path):

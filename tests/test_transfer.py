@@ -8,12 +8,15 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import first_faces
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from ppfr import recognizers
+from ppfr.config import compose
 from ppfr.errors import ConfigError
 from ppfr.fit import main
+from ppfr.generate import reference_embeddings
 from ppfr.protect import parts
 from ppfr.protect.lfsa import LFSA, ssim
 from ppfr.tasks.transfer import wilson
@@ -33,6 +36,7 @@ BOOSTERS = {
     "lowres": ({"size": 28, "weight": 1.0}, {"size": 0, "weight": 3.0}),
     "ti_kernel": (9, 0),
     "linear_backward": ({"enabled": True, "start": 0.5}, {"enabled": False, "start": 0.0}),
+    "negatives": ({"weight": 1.0, "temperature": 0.05}, {"weight": 0.0, "temperature": 0.5}),
 }
 
 
@@ -48,9 +52,19 @@ def zoo(models_dir) -> dict[str, recognizers.Recognizer]:
     return {r.name: r for r in recognizers.create_many(names, models_dir)}
 
 
-def protect(zoo, faces, boosters=None, **kwargs) -> torch.Tensor:
+@pytest.fixture(scope="module")
+def references(zoo, lfw_train, align_cache) -> list[torch.Tensor]:
+    """The surrogates' embeddings of four real faces of other people (lfw-train), for the negatives booster."""
+    faces = first_faces(lfw_train.parent, align_cache, 4, subset=lfw_train.name)
+    with torch.no_grad():
+        return [zoo[n](faces) for n in SURROGATES]
+
+
+def protect(zoo, faces, boosters=None, steps=2, **kwargs) -> torch.Tensor:
     """Two steps from the same seeds: the second update follows the gradient the booster changed."""
-    method = LFSA([zoo[n] for n in SURROGATES], steps=2, boosters=boosters, thresholds=[0.3, 0.3], **kwargs)
+    method = LFSA(
+        [zoo[n] for n in SURROGATES], steps=steps, boosters=boosters, thresholds=[0.3, 0.3], **kwargs
+    )
     return method(faces, SEEDS)
 
 
@@ -60,12 +74,13 @@ def plain(zoo, faces) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("booster", list(BOOSTERS))
-def test_booster_changes_the_ascent_only_when_on(booster, zoo, faces, plain):
+def test_booster_changes_the_ascent_only_when_on(booster, zoo, faces, plain, references):
     on, off = BOOSTERS[booster]
+    refs = {"negatives": references} if booster == "negatives" else {}
     # A booster draws from its own generator stream, so the method's other draws (fill, Perlin
     # noise) stay the same: any change comes from the update direction.
-    torch.testing.assert_close(protect(zoo, faces, {booster: off}), plain, atol=0, rtol=0)
-    boosted = protect(zoo, faces, {booster: on})
+    torch.testing.assert_close(protect(zoo, faces, {booster: off}, **refs), plain, atol=0, rtol=0)
+    boosted = protect(zoo, faces, {booster: on}, **refs)
     assert boosted.shape == plain.shape and boosted.min() >= 0 and boosted.max() <= 1
     assert (boosted - plain).abs().mean() > 1e-4, booster
 
@@ -131,6 +146,45 @@ def test_stop_ssim_stops_each_image_at_its_budget(zoo, faces):
     expected = structural_similarity_index_measure(plain, faces, data_range=1.0, reduction="none")
     torch.testing.assert_close(ssim(plain, faces), expected, atol=1e-5, rtol=0)
     assert (stopped - start).abs().mean() > 1e-3 and (stopped - plain).abs().mean() > 1e-4
+
+
+def test_negatives_push_faces_away_from_the_reference_faces(zoo, faces, references):
+    """With a strong weight the ascent lowers each face's nearest cos to the reference faces, in
+    every surrogate, below the plain ascent's; without reference embeddings it is refused."""
+
+    def nearest(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.stack(
+                [
+                    (F.normalize(zoo[n](images)) @ F.normalize(r).T).amax(1)
+                    for n, r in zip(SURROGATES, references, strict=True)
+                ]
+            )
+
+    plain = protect(zoo, faces, steps=5)
+    pushed = protect(zoo, faces, {"negatives": {"weight": 5.0}}, steps=5, negatives=references)
+    assert (nearest(pushed) < nearest(plain)).all(), (nearest(pushed), nearest(plain))
+    with pytest.raises(ConfigError, match="boosters.negatives: needs the surrogates' embeddings"):
+        protect(zoo, faces, {"negatives": {"weight": 1.0}})
+
+
+def test_reference_faces_are_other_people(faces_mini, lfw_train, models_dir, align_cache):
+    """The task embeds the reference people with every surrogate; people of the protected set are refused."""
+    args = [
+        "experiment=protect",
+        f"data.root={faces_mini / 'lfw'}",
+        "data.subset.pairs=4",
+        f"data.cache_dir={align_cache}",
+        f"paths.models={models_dir}",
+        f"protect.ensemble=[{','.join(SURROGATES)}]",
+    ]
+    negatives = {"weight": 1.0, "root": str(lfw_train), "identities": 2}
+    ensemble = recognizers.create_many(SURROGATES, models_dir)
+    refs = reference_embeddings(compose(args), negatives, ensemble)
+    assert [r.shape[1] for r in refs] == [f(torch.zeros(1, 3, 112, 112)).shape[1] for f in ensemble]
+    assert len({r.shape[0] for r in refs}) == 1 and refs[0].shape[0] >= 2
+    with pytest.raises(ConfigError, match=r"protect\.boosters\.negatives\.root=.* shares \d+ identities"):
+        reference_embeddings(compose(args), {**negatives, "root": str(faces_mini / "lfw")}, ensemble)
 
 
 def test_margin_weights_follow_the_thresholds(zoo, faces):
@@ -204,7 +258,9 @@ def calibrated(faces_mini, models_dir, align_cache, tmp_path, models: list[str],
 
 
 @pytest.mark.slow
-def test_transfer_experiment_writes_its_table_and_resumes(faces_mini, models_dir, align_cache, tmp_path):
+def test_transfer_experiment_writes_its_table_and_resumes(
+    faces_mini, lfw_train, models_dir, align_cache, tmp_path
+):
     common = calibrated(faces_mini, models_dir, align_cache, tmp_path, SURROGATES, pairs=6)
     args = [
         "experiment=transfer",
@@ -214,6 +270,9 @@ def test_transfer_experiment_writes_its_table_and_resumes(faces_mini, models_dir
         "transfer.monitor_every=2",
         "protect.steps=3",
         "protect.boosters.margin.enabled=true",  # the surrogates' thresholds come from the file too
+        "protect.boosters.negatives.weight=0.5",  # and the reference faces' embeddings from lfw-train
+        f"protect.boosters.negatives.root={lfw_train}",
+        "protect.boosters.negatives.identities=2",
         "generate.batch_size=2",
         "eval.grid=2",
         "seed=0",

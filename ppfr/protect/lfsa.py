@@ -132,6 +132,18 @@ class Lowres:
 
 
 @dataclass(frozen=True)
+class Negatives:
+    """Push each face away from other people: minus ``weight`` x the smooth maximum (logsumexp at
+    ``temperature``) of its cosine to reference faces, the first ``identities`` people of ``root``
+    (the task embeds them once; weight 0 = off)."""
+
+    weight: float = 0.0
+    temperature: float = 0.05
+    root: str | None = None  # read by the task (null: the attackers' training people)
+    identities: int = 256
+
+
+@dataclass(frozen=True)
 class Boosters:
     """Transfer boosters beyond the paper; all off = eq. 9 as written."""
 
@@ -144,6 +156,7 @@ class Boosters:
     variance_tuning: VarianceTuning = field(default_factory=VarianceTuning)
     margin: Margin = field(default_factory=Margin)
     lowres: Lowres = field(default_factory=Lowres)
+    negatives: Negatives = field(default_factory=Negatives)
 
 
 def in_range(key: str, value: Any, interval: str) -> None:
@@ -202,7 +215,9 @@ class LFSA(ProtectionMethod):
 
     Defaults are configs/protect/paper.yaml (boosters off). ``sign_step`` is the step of
     ``update=sign`` in pixel units (``alpha`` scales the normalised raw gradient instead).
-    ``thresholds`` (one per surrogate, from the calibration file) feed the margin booster.
+    ``thresholds`` (one per surrogate, from the calibration file) feed the margin booster;
+    ``negatives`` (one M x d matrix per surrogate: its embeddings of reference faces) the
+    negatives booster.
     ``stop_ssim`` > 0 is a visual budget: an image stops moving at the first step where
     SSIM(X_t, X) <= stop_ssim, so each takes only the steps it needs (at most ``steps``).
     ``monitors`` are recognizers outside the ensemble (black boxes) whose cos(f(X), f(X_t)) is
@@ -238,6 +253,7 @@ class LFSA(ProtectionMethod):
         update: str = "raw",
         boosters: Mapping | Boosters | None = None,
         thresholds: Sequence[float] | None = None,
+        negatives: Sequence[Tensor] | None = None,
         monitors: Sequence[nn.Module] | None = None,
         monitor_every: int = 10,
     ) -> None:
@@ -260,6 +276,11 @@ class LFSA(ProtectionMethod):
         self.register_buffer(
             "thresholds", None if thresholds is None else torch.tensor(thresholds), persistent=False
         )
+        if negatives is not None and len(negatives) != n:
+            raise ConfigError(f"protect negatives: {len(negatives)} reference sets for {n} surrogates")
+        self._n_negatives = len(negatives or [])
+        for i, ref in enumerate(negatives or []):
+            self.register_buffer(f"negatives_{i}", F.normalize(ref.float(), dim=1), persistent=False)
         self.highpass = part(Highpass, highpass, "protect.highpass")
         self.prune = part(Prune, prune, "protect.prune")
         self.noise = part(Noise, noise, "protect.noise")
@@ -337,6 +358,9 @@ class LFSA(ProtectionMethod):
             ("boosters.margin.stop_margin", boost.margin.stop_margin, "[0, 2]"),
             ("boosters.lowres.size", boost.lowres.size, "int [0, inf)"),
             ("boosters.lowres.weight", boost.lowres.weight, "(0, inf)"),
+            ("boosters.negatives.weight", boost.negatives.weight, "[0, inf)"),
+            ("boosters.negatives.temperature", boost.negatives.temperature, "(0, inf)"),
+            ("boosters.negatives.identities", boost.negatives.identities, "int [1, inf)"),
         ]
         for key, value, interval in checks:
             in_range(key, value, interval)
@@ -352,6 +376,11 @@ class LFSA(ProtectionMethod):
             (
                 boost.lowres.size == 0 or boost.lowres.size >= 4,
                 f"protect.boosters.lowres.size: {boost.lowres.size} must be 0 (off) or >= 4 pixels",
+            ),
+            (
+                not boost.negatives.weight or self._n_negatives,
+                "protect.boosters.negatives: needs the surrogates' embeddings of the reference faces "
+                "(the task makes them from boosters.negatives.root)",
             ),
             (
                 not boost.margin.enabled or self.thresholds is not None,
@@ -506,13 +535,10 @@ class LFSA(ProtectionMethod):
             parts.feature_dropout(self._dropout_layers, boost.feature_dropout.rate, boost_gens),
             parts.linear_backward(self._linear_layers),
         ):
-            cos = torch.stack(
-                [
-                    F.cosine_similarity(f(seen).float().view(k, *t.shape), t, dim=-1).mean(0)
-                    for f, t in zip(self.recognizers, targets, strict=True)
-                ],
-                1,
-            )  # B x n
+            embs = [f(seen).float().view(k, len(image), -1) for f in self.recognizers]
+        cos = torch.stack(
+            [F.cosine_similarity(e, t, dim=-1).mean(0) for e, t in zip(embs, targets, strict=True)], 1
+        )  # B x n
         gamma = self.gamma if self.noise.enabled else 0.0  # w/o P: N' = 1 and gamma = 0
         pulled: Tensor | float = 1.0  # per image: 0 once the margin booster has stopped every surrogate
         margin = boost.margin
@@ -526,7 +552,20 @@ class LFSA(ProtectionMethod):
         ent = torch.zeros_like(cos[:, 0])
         if gamma:
             ent = parts.histogram_entropy(image, self.entropy.bins, self.entropy.bandwidth)
-        return (weights * cos).sum(1) + gamma * pulled * ent, cos, ent
+        loss = (weights * cos).sum(1) + gamma * pulled * ent
+        if boost.negatives.weight:
+            loss = loss - boost.negatives.weight * pulled * (self.betas * self._nearest_others(embs)).sum(1)
+        return loss, cos, ent
+
+    def _nearest_others(self, embs: list[Tensor]) -> Tensor:
+        """B x n: per surrogate, the smooth maximum of cos to its reference faces, averaged over views."""
+        tau = self.boosters.negatives.temperature
+        refs = [getattr(self, f"negatives_{i}") for i in range(self._n_negatives)]
+        near = [
+            tau * torch.logsumexp(F.normalize(e, dim=-1) @ ref.T / tau, dim=-1).mean(0)
+            for e, ref in zip(embs, refs, strict=True)
+        ]
+        return torch.stack(near, 1)
 
     def _neighbours(self, image: Tensor, targets, weights, draws, boost_gens) -> Tensor:
         """Mean gradient at ``variance_tuning.n`` random points within +-radius of ``image``."""

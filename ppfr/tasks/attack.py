@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 import datamodules
 from attacks import ATTACKERS
 from attacks.evaluate import evaluate
-from attacks.pairs import check_disjoint_identities, protect_images, set_dir, training_pairs
+from attacks.pairs import protect_images, set_dir, training_pairs
 from attacks.train import fit
 from ppfr import protect, recognizers
 from ppfr.config import load_option, to_dict
@@ -71,7 +71,7 @@ def attack(
     f = surrogate(cfg, blackbox)
     test_dm = datamodules.create(to_dict(cfg.data))
     train_dm = datamodules.create(to_dict(acfg.train_data))
-    check_disjoint_identities(train_dm, test_dm)
+    datamodules.check_disjoint_identities(train_dm, test_dm)
     test_dir = set_dir(acfg.test_set_dir, cfg, method_record, cfg.data, "attack_test")
     # the test set first: it is the fixed cost, and pairs.count can then grow over later runs
     test_records = protect_images(
