@@ -158,12 +158,7 @@ def need_file(path: Path, what: str) -> Path:
     return path
 
 
-def check_disjoint_identities(
-    dm: FaceDataModule,
-    other: FaceDataModule,
-    key: str = "attack.train_data",
-    why: str = "an attacker must be trained on other people",
-) -> None:
+def check_disjoint_identities(dm: FaceDataModule, other: FaceDataModule, key: str, why: str) -> None:
     """Refuse the set `dm` (config key `key`) when it shares an identity with `other` (or cannot say)."""
     names, other_names = set(dm.label_names), set(other.label_names)
     if not names or not other_names:

@@ -100,6 +100,7 @@ def reference_embeddings(
     none of them among the protected people (checked: pushing faces away from the very impostors
     the evaluation counts would flatter its FAR)."""
     import datamodules
+    from ppfr.verification import embed
 
     root = negatives.get("root") or f"{cfg.paths.data}/lfw-train"
     key = "protect.boosters.negatives"
@@ -110,12 +111,8 @@ def reference_embeddings(
     datamodules.check_disjoint_identities(
         ref, datamodules.create(to_dict(cfg.data)), key, "the reference faces must be other people"
     )
-    faces = torch.stack([item["image"] for item in ref.dataset])
-    out = []
-    for f in ensemble:
-        dev = next(f.parameters()).device
-        out.append(torch.cat([f(chunk.to(dev)).float() for chunk in faces.split(64)]))
-    return out
+    loader = ref.predict_dataloader(batch_size=64)
+    return [embed(f, loader, flip=False, device=next(f.parameters()).device).float() for f in ensemble]
 
 
 def config_hash(cfg: Any) -> str:

@@ -218,9 +218,10 @@ def test_training_identities_must_be_disjoint_from_the_test_set(faces_mini, lfw_
         )  # fmt: skip
 
     test = lfw(faces_mini / "lfw", identities=3)
+    key = ("attack.train_data", "an attacker must be trained on other people")
     with pytest.raises(ConfigError, match="shares 3 identities"):
-        datamodules.check_disjoint_identities(lfw(faces_mini / "lfw", identities=5), test)
-    datamodules.check_disjoint_identities(lfw(lfw_train, identities=3), test)
+        datamodules.check_disjoint_identities(lfw(faces_mini / "lfw", identities=5), test, *key)
+    datamodules.check_disjoint_identities(lfw(lfw_train, identities=3), test, *key)
 
 
 def test_paired_augmentation_moves_x_prime_and_x_together(faces_mini, align_cache, tmp_path):

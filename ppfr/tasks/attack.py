@@ -71,7 +71,9 @@ def attack(
     f = surrogate(cfg, blackbox)
     test_dm = datamodules.create(to_dict(cfg.data))
     train_dm = datamodules.create(to_dict(acfg.train_data))
-    datamodules.check_disjoint_identities(train_dm, test_dm)
+    datamodules.check_disjoint_identities(
+        train_dm, test_dm, "attack.train_data", "an attacker must be trained on other people"
+    )
     test_dir = set_dir(acfg.test_set_dir, cfg, method_record, cfg.data, "attack_test")
     # the test set first: it is the fixed cost, and pairs.count can then grow over later runs
     test_records = protect_images(
