@@ -1,13 +1,18 @@
 """Cost of the protection method against its bare surrogate ensemble, per recognizer backend.
 
     OMP_NUM_THREADS=1 python bench/protect.py [--models-dir ../shared/models] [--protect lfsa]
-        [--device cuda] [--batch 16] [--steps 5] [--quick]
+        [--device cuda] [--batch 16] [--steps 5] [--backends onnx native] [--bf16] [--cudnn-benchmark]
+        [--compile] [--profile FILE] [--quick]
 
 For one batch, in one run, both backends (onnx2torch and native) side by side: the bare ensemble's
 image-steps/s (forward + input gradient of every surrogate, as the method pays per step), the full
 method's images/s at the config's T, the method's overhead over the bare ensemble, and the peak
 memory of one method call. Per step = (t(steps) - t(1)) / (steps - 1), so the once-per-call work
 (F, C, clean embeddings) cancels out; images/s at T = batch / (t(1) + (T - 1) * per step).
+`--bf16` runs everything under bf16 autocast (as `trainer.precision=bf16-mixed` does), `--compile`
+wraps each native network in torch.compile, `--profile` writes torch.profiler's table of one 2-step
+native method call. The last line compares the two backends' protected outputs of the same batch
+and seeds (SSIM to the input, and to each other).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from common import add_cpu_options, apply_cpu_options, machine, sync, timed  # n
 
 from ppfr import protect, recognizers  # noqa: E402
 from ppfr.config import load_option, to_dict  # noqa: E402
+from ppfr.protect.lfsa import ssim  # noqa: E402
 
 BACKENDS = ("onnx", "native")
 
@@ -56,6 +62,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=5, help="optimisation steps per timed call (>= 2)")
     ap.add_argument("--repeats", type=int, default=2, help="timed calls per measurement (the fastest counts)")
+    ap.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast around every timed call")
+    ap.add_argument(
+        "--cudnn-benchmark",
+        action="store_true",
+        help="let cuDNN pick its fastest kernels (trainer.benchmark)",
+    )
+    ap.add_argument("--compile", action="store_true", help="torch.compile each native network")
+    ap.add_argument("--profile", default=None, help="write the profiler table of one native method call here")
     add_cpu_options(ap)
     ap.add_argument("--quick", action="store_true", help="--steps 3 --repeats 1")
     args = ap.parse_args()
@@ -67,6 +82,7 @@ def main() -> None:
         )
 
     device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     cfg = to_dict(load_option("protect", args.protect))
     full_steps = cfg["steps"]
     x = torch.rand(args.batch, 3, 112, 112, generator=torch.Generator().manual_seed(0)).to(device)
@@ -75,14 +91,20 @@ def main() -> None:
     print(
         f"protect={args.protect}: ensemble {cfg['ensemble']}, T={full_steps}, batch {args.batch}, "
         f"timed with {steps} steps, fastest of {repeats}"
+        + (" | bf16 autocast" if args.bf16 else "")
+        + (" | cudnn.benchmark" if args.cudnn_benchmark else "")
+        + (" | native compiled" if args.compile else "")
     )
 
     fns: dict[str, Callable[[], object]] = {}
     methods = {}
-    for backend in BACKENDS:
+    for backend in args.backends:
         ensemble = [
             r.to(device) for r in recognizers.create_many(cfg["ensemble"], args.models_dir, backend=backend)
         ]
+        if args.compile and backend == "native":
+            for r in ensemble:
+                r.network = torch.compile(r.network)
         method = protect.create({**cfg, "steps": steps}, ensemble).to(device)
         one_step = protect.create({**cfg, "steps": 1}, ensemble).to(device)
         with torch.no_grad():
@@ -91,17 +113,20 @@ def main() -> None:
         fns[f"{backend} full"] = lambda m=method: m(x, seeds)
         fns[f"{backend} one"] = lambda m=one_step: m(x, seeds)
         methods[backend] = method
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    fns = {k: (lambda f=f: autocast_call(autocast, f)) for k, f in fns.items()}
     t = timed(fns, device, repeats)
 
     print(
         f"{'backend':<10}{'bare img-steps/s':>18}{'method img-steps/s':>20}{'overhead':>10}{f'img/s at T={full_steps}':>16}{'peak memory':>18}"
     )
-    result = {}
-    for backend in BACKENDS:
+    result, outputs = {}, {}
+    for backend in args.backends:
         per_step = (t[f"{backend} full"] - t[f"{backend} one"]) / (steps - 1)
         images_s = args.batch / (t[f"{backend} one"] + (full_steps - 1) * per_step)
         reset_peak(device)
-        methods[backend](x, seeds)
+        with autocast:
+            outputs[backend] = methods[backend](x, seeds)
         sync(device)
         result[backend] = images_s
         print(
@@ -109,7 +134,31 @@ def main() -> None:
             f"{per_step / t[f'{backend} bare'] - 1:>9.0%}{images_s:>16.3f}{peak_memory(device):>18}",
             flush=True,
         )
+    if args.profile and "native" in methods:
+        from torch.profiler import ProfilerActivity, profile
+
+        two = protect.create({**cfg, "steps": 2}, methods["native"].recognizers).to(device)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof, autocast:
+            two(x, seeds)
+            sync(device)
+        sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        Path(args.profile).write_text(prof.key_averages().table(sort_by=sort, row_limit=60))
+        print(f"profile of one 2-step native call: {args.profile}")
+    if len(result) < 2:
+        return
     print(f"native / onnx2torch, full method: {result['native'] / result['onnx']:.2f}x")
+    same = {b: ssim(outputs[b], x).mean().item() for b in BACKENDS}
+    print(
+        f"same batch and seeds, {steps} steps: SSIM(X', X) onnx {same['onnx']:.4f}, native {same['native']:.4f}; "
+        f"SSIM(native, onnx) {ssim(outputs['native'], outputs['onnx']).mean().item():.4f}, "
+        f"max |native - onnx| {(outputs['native'] - outputs['onnx']).abs().max().item():.3f}"
+    )
+
+
+def autocast_call(autocast, fn: Callable[[], object]) -> object:
+    with autocast:
+        return fn()
 
 
 def bare_step(ensemble, targets, x: torch.Tensor) -> Callable[[], None]:

@@ -1,7 +1,7 @@
 """Speed of each recognizer per backend: image-steps/s of forward + input gradient.
 
     OMP_NUM_THREADS=1 python bench/recognizers.py [--models-dir ../shared/models] [--device cuda]
-        [--names a b ...] [--batch 16] [--bf16] [--compile] [--quick]
+        [--names a b ...] [--batch 16] [--bf16] [--compile] [--cudnn-benchmark] [--quick]
 
 One image-step is what the protection method pays per image, step and surrogate: the embedding
 of a batch and the gradient of a cosine loss with respect to the input crops (weights frozen).
@@ -48,13 +48,19 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per variant (the fastest counts)")
     ap.add_argument("--bf16", action="store_true", help="also time native under bf16 autocast")
     ap.add_argument("--compile", action="store_true", help="also time native under torch.compile")
+    ap.add_argument(
+        "--cudnn-benchmark",
+        action="store_true",
+        help="let cuDNN pick its fastest kernels (trainer.benchmark)",
+    )
     add_cpu_options(ap)
     ap.add_argument("--quick", action="store_true", help="one timed call per variant")
     args = ap.parse_args()
     cpu_options = apply_cpu_options(args)
     device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     repeats = 1 if args.quick else args.repeats
-    print(f"{machine(device)} | {cpu_options}")
+    print(f"{machine(device)} | {cpu_options}" + (" | cudnn.benchmark" if args.cudnn_benchmark else ""))
     print(f"batch {args.batch}, forward + input gradient, image-steps/s (fastest of {repeats})")
     names = list(load_catalog(args.models_dir)) if args.names == ["all"] else args.names
     head = f"{'recognizer':<26}{'onnx2torch':>11}{'native NCHW':>13}{'native CL':>11}"
