@@ -15,6 +15,7 @@ mkdir -p "$logs"
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline
 log="$logs/gpu.log"
 py=${PYTHON:-python3}
+runs=$(mktemp -d)  # the protect runs' folders: fresh each call, so no run resumes an earlier one
 
 stage() {  # stage NAME SECONDS COMMAND...: run COMMAND with a time limit, its output to the log
     local name=$1 limit=$2
@@ -29,10 +30,11 @@ fit() {  # fit NAME SECONDS OVERRIDES...: experiment=protect on DATA_ROOT, resul
     local name=$1 limit=$2
     shift 2
     stage "$name" "$limit" "$py" -m ppfr.fit experiment=protect data.root="$data" paths.cache="$cache" \
-        paths.models="$models" paths.shared="$(dirname "$models")" paths.outputs=/tmp/ppfr-gpu calibration_file="$calibration" logger=csv \
-        seed=0 generate.batch_size=$((batch / 2)) eval.batch_size="$batch" "eval.blackbox=[hse_faceres]" \
-        eval.threshold_source=nearest trainer.enable_progress_bar=false run_dir="/tmp/ppfr-gpu/$name" "$@" ${FIT_EXTRA:-}
-    cp "/tmp/ppfr-gpu/$name/results.json" "$logs/$name.json" 2>/dev/null
+        paths.models="$models" paths.shared="$(dirname "$models")" paths.outputs="$runs" \
+        calibration_file="$calibration" logger=csv \
+        seed=0 generate.batch_size="$batch" eval.batch_size="$batch" "eval.blackbox=[hse_faceres]" \
+        eval.threshold_source=nearest trainer.enable_progress_bar=false run_dir="$runs/$name" "$@" ${FIT_EXTRA:-}
+    cp "$runs/$name/results.json" "$logs/$name.json" 2>/dev/null
 }
 
 {
