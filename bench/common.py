@@ -28,7 +28,7 @@ def machine(device: torch.device) -> str:
     )
 
 
-def add_cpu_options(ap: argparse.ArgumentParser) -> None:
+def add_machine_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--keep-denormals",
         action="store_true",
@@ -41,14 +41,22 @@ def add_cpu_options(ap: argparse.ArgumentParser) -> None:
         help="leave glibc malloc as it is instead of keeping freed memory for reuse, "
         "as ppfr.fit does by default (keep_freed_memory)",
     )
+    ap.add_argument(
+        "--cudnn-benchmark",
+        action="store_true",
+        help="let cuDNN time its kernels and pick the fastest (trainer.benchmark=true)",
+    )
 
 
-def apply_cpu_options(args: argparse.Namespace) -> str:
-    """Apply the CPU options before the thread pool starts (its threads inherit the denormal setting)."""
+def apply_machine_options(args: argparse.Namespace) -> str:
+    """Apply the options before the thread pool starts (its threads inherit the denormal setting);
+    returns them as a line for the output."""
     apply_cpu_settings(not args.keep_denormals, not args.default_malloc)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     return (
         f"denormals {'kept' if args.keep_denormals else 'flushed'} | "
         f"malloc {'default' if args.default_malloc else 'keeps freed memory'}"
+        + (" | cudnn.benchmark" if args.cudnn_benchmark else "")
     )
 
 

@@ -21,8 +21,6 @@ from common import machine, timed  # noqa: E402
 
 from ppfr.protect import parts  # noqa: E402
 
-MASK = (1 << 64) - 1
-
 
 def _signed(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v

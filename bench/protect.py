@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_cpu_options, apply_cpu_options, machine, sync, timed  # noqa: E402
+from common import add_machine_options, apply_machine_options, machine, sync, timed  # noqa: E402
 
 from ppfr import protect, recognizers  # noqa: E402
 from ppfr.config import load_option, to_dict  # noqa: E402
@@ -64,17 +64,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="timed calls per measurement (the fastest counts)")
     ap.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast around every timed call")
-    ap.add_argument(
-        "--cudnn-benchmark",
-        action="store_true",
-        help="let cuDNN pick its fastest kernels (trainer.benchmark)",
-    )
     ap.add_argument("--compile", action="store_true", help="torch.compile each native network")
     ap.add_argument("--profile", default=None, help="write the profiler table of one native method call here")
-    add_cpu_options(ap)
+    add_machine_options(ap)
     ap.add_argument("--quick", action="store_true", help="--steps 3 --repeats 1")
     args = ap.parse_args()
-    cpu_options = apply_cpu_options(args)
+    options = apply_machine_options(args)
     steps, repeats = (3, 1) if args.quick else (args.steps, args.repeats)
     if steps < 2:
         ap.error(
@@ -82,17 +77,15 @@ def main() -> None:
         )
 
     device = torch.device(args.device)
-    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     cfg = to_dict(load_option("protect", args.protect))
     full_steps = cfg["steps"]
     x = torch.rand(args.batch, 3, 112, 112, generator=torch.Generator().manual_seed(0)).to(device)
     seeds = torch.arange(args.batch, dtype=torch.int64)
-    print(f"{machine(device)} | {cpu_options}")
+    print(f"{machine(device)} | {options}")
     print(
         f"protect={args.protect}: ensemble {cfg['ensemble']}, T={full_steps}, batch {args.batch}, "
         f"timed with {steps} steps, fastest of {repeats}"
         + (" | bf16 autocast" if args.bf16 else "")
-        + (" | cudnn.benchmark" if args.cudnn_benchmark else "")
         + (" | native compiled" if args.compile else "")
     )
 

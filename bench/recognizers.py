@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_cpu_options, apply_cpu_options, machine, timed  # noqa: E402
+from common import add_machine_options, apply_machine_options, machine, timed  # noqa: E402
 
 from ppfr import recognizers  # noqa: E402
 from ppfr.recognizers.onnx import load_catalog  # noqa: E402
@@ -48,19 +48,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per variant (the fastest counts)")
     ap.add_argument("--bf16", action="store_true", help="also time native under bf16 autocast")
     ap.add_argument("--compile", action="store_true", help="also time native under torch.compile")
-    ap.add_argument(
-        "--cudnn-benchmark",
-        action="store_true",
-        help="let cuDNN pick its fastest kernels (trainer.benchmark)",
-    )
-    add_cpu_options(ap)
+    add_machine_options(ap)
     ap.add_argument("--quick", action="store_true", help="one timed call per variant")
     args = ap.parse_args()
-    cpu_options = apply_cpu_options(args)
+    options = apply_machine_options(args)
     device = torch.device(args.device)
-    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     repeats = 1 if args.quick else args.repeats
-    print(f"{machine(device)} | {cpu_options}" + (" | cudnn.benchmark" if args.cudnn_benchmark else ""))
+    print(f"{machine(device)} | {options}")
     print(f"batch {args.batch}, forward + input gradient, image-steps/s (fastest of {repeats})")
     names = list(load_catalog(args.models_dir)) if args.names == ["all"] else args.names
     head = f"{'recognizer':<26}{'onnx2torch':>11}{'native NCHW':>13}{'native CL':>11}"
