@@ -65,7 +65,7 @@ def main() -> None:
     print(
         f"hash check: mean {u.mean().item():.4f} (0.5), var {u.var().item():.4f} (0.0833), range {u.min().item():.4f}-{u.max().item():.4f}"
     )
-    t = timed(
+    t, _ = timed(
         {
             "generators": lambda: parts.uniform(gens, args.n, device),
             "hash": lambda: hashed_uniform(seeds_dev, 1, args.n),

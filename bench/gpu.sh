@@ -44,12 +44,15 @@ fit() {  # fit NAME SECONDS OVERRIDES...: experiment=protect on DATA_ROOT, resul
 } 2>&1 | tee -a "$log"
 
 bench=("--models-dir" "$models" "--device" "$device" "--batch" "$batch")
-# The targets: bare ensemble and full method, both backends side by side, fp32 eager; then what the
-# per-image random draws cost.
-stage protect_fp32 120 "$py" bench/protect.py "${bench[@]}" --steps 6 --repeats 3 --profile "$logs/profile_fp32.txt"
+# The targets: bare ensemble and full method, both backends side by side, fp32 eager, with native
+# NCHW beside them and each one's first call (cuDNN's plan setup per layout and batch shape); then
+# what the per-image random draws cost.
+stage protect_fp32 150 "$py" bench/protect.py "${bench[@]}" --steps 6 --repeats 3 --profile "$logs/profile_fp32.txt" \
+    --backends native native-nchw onnx
 stage draws 40 "$py" bench/draws.py --device "$device" --batch "$batch"
 # The real job: throughput; both backends on the same faces and seeds must give the same results.
 fit fit_native 120 recognizer.backend=native
+fit fit_native_nchw 120 recognizer.backend=native recognizer.channels_last=false
 # The lean step's candidates: bf16 autocast with cuDNN's own kernel choice, then each alone.
 stage protect_bf16 120 "$py" bench/protect.py "${bench[@]}" --steps 6 --repeats 3 --bf16 --cudnn-benchmark
 fit fit_onnx 150 recognizer.backend=onnx

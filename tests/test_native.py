@@ -116,6 +116,25 @@ def test_native_weights_hold_no_subnormal_numbers(models_dir):
     assert channels == 10176 - 2 * 1378, channels
 
 
+def test_channels_last_key_sets_the_weights_layout_and_keeps_the_embeddings(models_dir, faces):
+    """recognizer.channels_last=false keeps native weights contiguous (NCHW): on a GPU that avoids
+    cuDNN's channels-last plan setup per batch shape; the embeddings stay the same."""
+
+    def layouts(rec) -> set[bool]:
+        # kernels with more than one input channel and pixel: the two layouts differ only there
+        weights = [m.weight for m in rec.network.modules() if isinstance(m, ConvAct)]
+        full = [w for w in weights if w.shape[1] > 1 and w.shape[2] > 1]
+        return {w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in full}
+
+    cfg = {"models_dir": str(models_dir), "backend": "native", "channels_last": False}
+    (nchw,) = recognizers.from_config(["mobilefacenet_relu6"], cfg)
+    (cl,) = recognizers.from_config(["mobilefacenet_relu6"], {**cfg, "channels_last": True})
+    assert layouts(nchw) == {False} and layouts(cl) == {True}
+    with torch.no_grad():
+        cos = F.cosine_similarity(nchw(faces), cl(faces))
+    assert cos.min() > 0.99999, cos
+
+
 def test_backend_is_checked_and_other_models_keep_onnx2torch(models_dir):
     with pytest.raises(ConfigError, match=r"recognizer\.backend: 'tensorrt' is not one of native, onnx"):
         recognizers.create("dlib_resnet", models_dir, backend="tensorrt")

@@ -41,9 +41,10 @@ def create(
     models_dir: str | Path | None = None,
     weights: str | Path | None = None,
     backend: str = "native",
+    channels_last: bool = True,
 ) -> Recognizer:
-    """One recognizer by name: an ONNX model from `models_dir` (run by `backend`: native or onnx),
-    or a PyTorch architecture with `weights`."""
+    """One recognizer by name: an ONNX model from `models_dir` (run by `backend`: native or onnx;
+    a native module's weights `channels_last` or not), or a PyTorch architecture with `weights`."""
     if backend not in BACKENDS:
         raise ConfigError(f"recognizer.backend: {backend!r} is not one of {', '.join(BACKENDS)}")
     if name in RECOGNIZERS:
@@ -63,7 +64,7 @@ def create(
         raise ConfigError(
             f"recognizer {name!r} is an ONNX model of {models_dir}; weights apply to {', '.join(RECOGNIZERS.names())} only"
         )
-    return create_onnx(catalog[name], models_dir, backend)
+    return create_onnx(catalog[name], models_dir, backend, channels_last)
 
 
 def create_many(
@@ -71,6 +72,7 @@ def create_many(
     models_dir: str | Path | None,
     weights: Mapping[str, str | Path] | None = None,
     backend: str = "native",
+    channels_last: bool = True,
 ) -> list[Recognizer]:
     """Several recognizers; `names="all"` means every usable ONNX model of the catalog."""
     if names == "all":
@@ -85,7 +87,7 @@ def create_many(
     if repeated:
         raise ConfigError(f"recognizer names list {', '.join(repeated)} more than once")
     weights = weights or {}
-    return [create(n, models_dir, weights.get(n), backend) for n in names]
+    return [create(n, models_dir, weights.get(n), backend, channels_last) for n in names]
 
 
 def check_disjoint(ensemble: Sequence[Recognizer], blackbox: Sequence[Recognizer]) -> None:
@@ -102,6 +104,13 @@ def check_disjoint(ensemble: Sequence[Recognizer], blackbox: Sequence[Recognizer
 
 
 def from_config(names: str | Sequence[str], cfg: Mapping[str, Any]) -> list[Recognizer]:
-    """Recognizers by name as the run's `recognizer.*` node configures them (models_dir, weights, backend)."""
+    """Recognizers by name as the run's `recognizer.*` node configures them (models_dir, weights,
+    backend, channels_last)."""
     weights = {str(k): v for k, v in (cfg.get("weights") or {}).items()}
-    return create_many(names, cfg.get("models_dir"), weights, backend=cfg.get("backend", "native"))
+    return create_many(
+        names,
+        cfg.get("models_dir"),
+        weights,
+        backend=cfg.get("backend", "native"),
+        channels_last=bool(cfg.get("channels_last", True)),
+    )

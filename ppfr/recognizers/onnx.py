@@ -74,10 +74,13 @@ def flush_subnormals(network: nn.Module) -> nn.Module:
     return network
 
 
-def create_onnx(entry: dict[str, Any], models_dir: str | Path, backend: str = "native") -> Recognizer:
+def create_onnx(
+    entry: dict[str, Any], models_dir: str | Path, backend: str = "native", channels_last: bool = True
+) -> Recognizer:
     """Check the file's hash, convert it, and wrap it with the entry's preprocessing.
 
-    backend "native" uses the native module where one exists for this model, onnx2torch otherwise.
+    backend "native" uses the native module where one exists for this model, onnx2torch otherwise;
+    `channels_last` stores a native module's weights channels-last, which its convolutions follow.
     """
     catalog = Path(models_dir) / CATALOG
     path = Path(models_dir) / entry["file"]
@@ -102,8 +105,10 @@ def create_onnx(entry: dict[str, Any], models_dir: str | Path, backend: str = "n
         raise
     except Exception as err:  # onnx/onnx2torch raise many kinds for a bad graph
         raise ModelError(f"{path}: cannot convert the ONNX graph to PyTorch ({err})") from err
-    if native:  # the same module with channels-last weights: 15-50 % faster on CPU (bench/recognizers.py)
-        network = flush_subnormals(network).to(memory_format=torch.channels_last)
+    if native:
+        network = flush_subnormals(network)
+    if native and channels_last:  # 15-50 % faster on CPU and on a warm GPU (bench/recognizers.py)
+        network = network.to(memory_format=torch.channels_last)
     return Recognizer(
         name=entry["name"],
         network=network,
