@@ -40,7 +40,7 @@ fit() {  # fit NAME SECONDS OVERRIDES...: experiment=protect on DATA_ROOT, resul
 {
     date -u
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>/dev/null
-    "$py" -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
+    "$py" -c "import torch, lightning; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version(), 'lightning', lightning.__version__)"
 } 2>&1 | tee -a "$log"
 
 bench=("--models-dir" "$models" "--device" "$device" "--batch" "$batch")
