@@ -36,7 +36,8 @@ from ppfr import protect, recognizers  # noqa: E402
 from ppfr.config import load_option, to_dict  # noqa: E402
 from ppfr.protect.lfsa import ssim  # noqa: E402
 
-BACKENDS = ("onnx", "native", "native-nchw")
+# name -> (recognizer.backend, recognizer.channels_last)
+BACKENDS = {"onnx": ("onnx", True), "native": ("native", True), "native-nchw": ("native", False)}
 
 
 def reset_peak(device: torch.device) -> None:
@@ -95,11 +96,9 @@ def main() -> None:
     fns: dict[str, Callable[[], object]] = {}
     methods = {}
     for backend in args.backends:
+        kind, channels_last = BACKENDS[backend]
         made = recognizers.create_many(
-            cfg["ensemble"],
-            args.models_dir,
-            backend=backend.split("-")[0],
-            channels_last=backend != "native-nchw",
+            cfg["ensemble"], args.models_dir, backend=kind, channels_last=channels_last
         )
         ensemble = [r.to(device) for r in made]
         if args.compile and backend == "native":

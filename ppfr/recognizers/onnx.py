@@ -107,8 +107,8 @@ def create_onnx(
         raise ModelError(f"{path}: cannot convert the ONNX graph to PyTorch ({err})") from err
     if native:
         network = flush_subnormals(network)
-    if native and channels_last:  # 15-50 % faster on CPU and on a warm GPU (bench/recognizers.py)
-        network = network.to(memory_format=torch.channels_last)
+        if channels_last:  # 15-50 % faster on CPU and on a warm GPU (bench/recognizers.py)
+            network = network.to(memory_format=torch.channels_last)
     return Recognizer(
         name=entry["name"],
         network=network,
