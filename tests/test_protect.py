@@ -262,7 +262,7 @@ def test_presets_are_deltas_of_the_paper():
         "highpass": {**lfsa["highpass"], "omega_c": 0.02},
         "prune": {**lfsa["prune"], "regions": ["eyes", "nose", "mouth"], "kappa": 2.5},
         "gamma": 20.0,
-        "boosters": {**lfsa["boosters"], "views": {**lfsa["boosters"]["views"], "k": 4}},
+        "boosters": {**lfsa["boosters"], "views": {**lfsa["boosters"]["views"], "k": 4, "mirror": True}},
         "steps": 100,
         "stop_ssim": 0.098,
     }
@@ -362,6 +362,9 @@ def test_views_resample_and_rotate(faces):
     turn = torch.tensor([[0.0, 0.5, 0.5, 0.5, 1.0, 0.0]]).expand(2, 6)  # the largest angle, factor 1
     turned = parts.input_diversity(faces, turn, 1.0, 0.1, 0.1, rotate=90.0, resample=0.5)
     torch.testing.assert_close(turned, faces.rot90(1, (2, 3)), atol=1e-4, rtol=0)
+    level = torch.tensor([[0.0, 0.5, 0.5, 0.5, 0.5, 0.0]]).expand(2, 6)  # no jitter, factor 1
+    mirrored = parts.input_diversity(faces, level, 1.0, 0.1, 0.1, rotate=10.0, resample=0.5, mirror=True)
+    torch.testing.assert_close(mirrored, faces.flip(-1), atol=1e-4, rtol=0)
     # without rotate/resample the 5th and 6th draws are not read: the plain rescale-and-shift view
     draws = torch.rand(2, 6, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(

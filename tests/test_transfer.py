@@ -85,6 +85,14 @@ def test_booster_changes_the_ascent_only_when_on(booster, zoo, faces, plain, ref
     assert (boosted - plain).abs().mean() > 1e-4, booster
 
 
+def test_mirrored_views_change_the_ascent(zoo, faces):
+    """views.mirror flips every second view: the same draws, another update direction."""
+    views = {"k": 2, "scale": 0.0, "shift": 0.0}
+    straight = protect(zoo, faces, {"views": views})
+    mirrored = protect(zoo, faces, {"views": {**views, "mirror": True}})
+    assert (mirrored - straight).abs().mean() > 1e-4
+
+
 def test_feature_dropout_leaves_the_surrogates_as_they_were(zoo, faces):
     before = zoo[SURROGATES[0]](faces)
     protect(zoo, faces, {"feature_dropout": {"rate": 0.1, "layers": [0.0, 0.5, 1.0]}})

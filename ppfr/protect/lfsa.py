@@ -104,6 +104,7 @@ class Views:
     shift: float = 0.1
     rotate: float = 0.0  # degrees
     resample: float = 1.0  # lowest down-sampling factor (1 = none)
+    mirror: bool = False  # every second view flipped left to right, as verification embeds the mirror too
 
 
 @dataclass(frozen=True)
@@ -525,7 +526,12 @@ class LFSA(ProtectionMethod):
         if views.k:
             u = parts.uniform(boost_gens, 6 * views.k, image.device)
             jitter = (1.0, views.scale, views.shift, views.rotate, views.resample)
-            seen = torch.cat([parts.input_diversity(image, d, *jitter) for d in u.split(6, dim=1)])
+            seen = torch.cat(
+                [
+                    parts.input_diversity(image, d, *jitter, mirror=views.mirror and i % 2 == 1)
+                    for i, d in enumerate(u.split(6, dim=1))
+                ]
+            )
         elif di.enabled:
             seen = parts.input_diversity(image, draws, di.prob, di.scale, di.shift)
         else:

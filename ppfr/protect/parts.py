@@ -270,10 +270,11 @@ def input_diversity(
     shift: float,
     rotate: float = 0.0,
     resample: float = 1.0,
+    mirror: bool = False,
 ) -> Tensor:
     """A random view of each item: rescale by up to +-``scale``, shift by up to +-``shift`` of the
     image, rotate by up to +-``rotate`` degrees, after a down- and up-sampling to a random factor
-    in [``resample``, 1] of the size (1 = none).
+    in [``resample``, 1] of the size (1 = none); with ``mirror``, flipped left to right as well.
 
     ``draws`` is B x 4 uniforms (apply?, scale, shift x, shift y), plus a 5th (angle) and a 6th
     (resample factor); those two are read only when used. Differentiable (affine_grid /
@@ -287,6 +288,8 @@ def input_diversity(
     angle = math.radians(rotate) * (2 * draws[:, 4] - 1) * apply if rotate > 0 else torch.zeros_like(zoom)
     cos, sin = angle.cos() / zoom, angle.sin() / zoom
     theta = torch.stack([torch.stack([cos, -sin, move[:, 0]], 1), torch.stack([sin, cos, move[:, 1]], 1)], 1)
+    if mirror:  # the output's x runs the other way: a left-right flip folded into the same warp
+        theta = torch.cat([-theta[:, :, :1], theta[:, :, 1:]], 2)
     if resample < 1:
         factor = 1 - (1 - resample) * draws[:, 5] * apply  # in [resample, 1]
         shrink = torch.zeros_like(theta)
