@@ -25,7 +25,7 @@ from ppfr.errors import ConfigError, DataError
 from ppfr.registry import Registry
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
-SUBSET_KEYS = ("identities", "pairs")
+SUBSET_KEYS = ("identities", "folds", "pairs")
 AUGMENT_KEYS = ("hflip", "affine", "color_jitter")
 ALIGN_CHUNK = 256  # images aligned per call, so a large dataset never holds all crops in memory
 NO_IDENTITY = -1  # label of images whose identity the format does not say (insightface .bin)
@@ -143,6 +143,10 @@ def natural_key(text: str) -> tuple:
     return (0, int(text), "") if text.isdigit() else (1, 0, text)
 
 
+def positive(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def list_images(folder: Path) -> list[Path]:
     """Image files directly in ``folder``, sorted; hidden files are ignored."""
     return sorted(
@@ -180,9 +184,11 @@ class FaceDataModule(L.LightningDataModule):
     After ``setup()``: ``dataset`` (FaceDataset; ``train_dataset`` is the same with augmentation),
     ``pairs`` (LongTensor Nx2 of dataset indices), ``issame`` (BoolTensor N), ``folds`` (LongTensor
     N), ``label_names`` (identity of each label) and ``report`` (counts, fallbacks, timing).
-    ``subset`` keeps the first ``identities`` identities (natural sort order) and then the first
-    ``pairs`` pairs (folds in order, half genuine and half impostor); images are then limited to
-    those identities / the images the chosen pairs name.
+    ``subset`` keeps the first ``identities`` identities (natural sort order), then the pairs of
+    ``folds`` (numbered from 1 in the pairs file's order; LFW's folds are disjoint in people, so a
+    later fold holds faces never used for tuning), then the first ``pairs`` pairs (folds in order,
+    half genuine and half impostor); images are then limited to those identities / the images the
+    chosen pairs name.
     """
 
     dataset_name = "faces"
@@ -192,7 +198,7 @@ class FaceDataModule(L.LightningDataModule):
         root: str | Path,
         batch_size: int = 32,
         num_workers: int = 0,
-        subset: Mapping[str, int | None] | None = None,
+        subset: Mapping[str, int | list[int] | None] | None = None,
         on_no_face: str = "error",
         cache_dir: str | Path | None = ".cache/ppfr/aligned",
         augment: Mapping[str, float] | None = None,
@@ -203,8 +209,13 @@ class FaceDataModule(L.LightningDataModule):
         if unknown:
             raise ConfigError(f"data.subset: unknown key(s) {unknown}; valid keys: {list(SUBSET_KEYS)}")
         for key, value in subset.items():
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ConfigError(f"data.subset.{key}: {value!r} must be a positive integer or null")
+            if key == "folds":
+                ok = isinstance(value, (list, tuple)) and value and all(positive(v) for v in value)
+                kind = "a non-empty list of fold numbers (1 = the first)"
+            else:
+                ok, kind = positive(value), "a positive integer"
+            if value is not None and not ok:
+                raise ConfigError(f"data.subset.{key}: {value!r} must be {kind} or null")
         self.root = Path(root)
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -248,6 +259,18 @@ class FaceDataModule(L.LightningDataModule):
             chosen = set(names[:n_ids])
             keep = np.array([r.identity in chosen for r in records])
             pairs = [p for p in pairs if keep[p.i] and keep[p.j]]
+        folds = self.subset.get("folds")
+        if folds is not None:
+            present = sorted({p.fold + 1 for p in pairs})
+            missing = sorted(set(folds) - set(present))
+            if missing:
+                raise ConfigError(
+                    f"data.subset.folds: {self.root} has no pairs in fold(s) {missing}; its folds: {present}"
+                )
+            pairs = [p for p in pairs if p.fold + 1 in folds]
+            keep = np.zeros(len(records), dtype=bool)
+            for p in pairs:
+                keep[p.i] = keep[p.j] = True
         n_pairs = self.subset.get("pairs")
         if n_pairs is not None:
             if not pairs:

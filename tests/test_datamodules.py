@@ -74,6 +74,25 @@ def test_lfw_pair_subset_aligns_only_what_the_pairs_need(faces_mini, align_cache
     assert report["cache_hits"] + report["cache_misses"] == 13
 
 
+def test_lfw_fold_subset_keeps_other_people(faces_mini, align_cache):
+    """`subset.folds` picks pairs from a later fold: faces, and people, that fold 1 never showed."""
+    first, _ = make("lfw", faces_mini / "lfw", align_cache, subset={"pairs": 40}).index()
+    records, pairs = make("lfw", faces_mini / "lfw", align_cache, subset={"folds": [2], "pairs": 40}).index()
+    assert len(pairs) == 40 and {p.fold for p in pairs} == {1} and sum(p.issame for p in pairs) == 20
+    assert not {r.identity for r in records} & {r.identity for r in first}
+    _, both = make("lfw", faces_mini / "lfw", align_cache, subset={"folds": [2, 1]}).index()
+    assert len(both) == 1200
+    with pytest.raises(
+        ConfigError, match=r"subset\.folds: .*lfw has no pairs in fold\(s\) \[3\]; its folds: \[1, 2\]"
+    ):
+        make("lfw", faces_mini / "lfw", align_cache, subset={"folds": [3]}).index()
+    for bad in (2, [], [0]):
+        with pytest.raises(
+            ConfigError, match=r"data\.subset\.folds: .* must be a non-empty list of fold numbers"
+        ):
+            make("lfw", faces_mini / "lfw", align_cache, subset={"folds": bad})
+
+
 def test_lfw_identity_subset_and_png_folders(faces_mini, align_cache):
     dm = make("lfw", faces_mini / "bbt", align_cache, subset={"identities": 2})
     dm.setup()  # without prepare_data: setup aligns what is missing
