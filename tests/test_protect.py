@@ -262,7 +262,10 @@ def test_presets_are_deltas_of_the_paper():
         "highpass": {**lfsa["highpass"], "omega_c": 0.02},
         "prune": {**lfsa["prune"], "regions": ["eyes", "nose", "mouth"], "kappa": 2.5},
         "gamma": 20.0,
-        "boosters": {**lfsa["boosters"], "views": {**lfsa["boosters"]["views"], "k": 4, "mirror": True}},
+        "boosters": {
+            **lfsa["boosters"],
+            "views": {**lfsa["boosters"]["views"], "k": 4, "mirror": True, "rotate": 10.0},
+        },
         "steps": 100,
         "stop_ssim": 0.098,
     }
