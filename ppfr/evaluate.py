@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from omegaconf import DictConfig
+from scipy.stats import binomtest
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from ppfr import recognizers
@@ -81,17 +82,33 @@ def embed_sets(
     return image, {k: torch.cat(v) for k, v in clean.items()}, {k: torch.cat(v) for k, v in prot.items()}
 
 
-def _cross_identity_far(
-    probe: torch.Tensor, gallery: torch.Tensor, labels: torch.Tensor, threshold: float
-) -> float:
-    """Share of (a, b) with different identities whose cos(probe_a, gallery_b) passes the threshold."""
-    accepted, total = 0, 0
-    for start in range(0, len(probe), 1024):
-        sims = probe[start : start + 1024] @ gallery.T
+def impostor_accepts(
+    clean: torch.Tensor, protected: torch.Tensor, labels: torch.Tensor, threshold: float
+) -> dict[str, float]:
+    """Over ordered pairs (a, b) of different identities, probe a against clean b: how many pass the
+    threshold with the protected probe a' and with the clean probe a, and the pairs where only one
+    does. The two FARs share every pair, so the discordant pairs (a one-sided sign test) say whether
+    protection raised the FAR beyond chance: `far_excess_p` small = it did."""
+    n = {"pairs": 0, "protected": 0, "clean": 0, "protected_only": 0, "clean_only": 0}
+    for start in range(0, len(clean), 1024):
         other = labels[start : start + 1024, None] != labels[None, :]
-        accepted += int((sims[other] > threshold).sum())
-        total += int(other.sum())
-    return accepted / total if total else float("nan")
+        p = (protected[start : start + 1024] @ clean.T > threshold) & other
+        c = (clean[start : start + 1024] @ clean.T > threshold) & other
+        for key, mask in (("pairs", other), ("protected", p), ("clean", c), ("protected_only", p & ~c),
+                          ("clean_only", c & ~p)):  # fmt: skip
+            n[key] += int(mask.sum())
+    discordant = n["protected_only"] + n["clean_only"]
+    excess_p = (
+        binomtest(n["protected_only"], discordant, 0.5, alternative="greater").pvalue if discordant else 1.0
+    )
+    return {
+        "far_protected": n["protected"] / n["pairs"] if n["pairs"] else float("nan"),
+        "far_clean": n["clean"] / n["pairs"] if n["pairs"] else float("nan"),
+        "impostor_pairs": n["pairs"],
+        "far_protected_only": n["protected_only"],
+        "far_clean_only": n["clean_only"],
+        "far_excess_p": float(excess_p),
+    }
 
 
 def blackbox_metrics(
@@ -109,15 +126,14 @@ def blackbox_metrics(
     `pairs` index those rows. `match` is the share of faces with cos(f(X), f(X')) above the
     recognizer's calibrated best-accuracy threshold, `match_far` above its fixed-FAR threshold;
     the FARs compare protected and clean probes against clean images of other identities at the
-    best-accuracy threshold.
+    best-accuracy threshold (`impostor_accepts`).
     """
     cos = F.cosine_similarity(clean, protected, dim=1)
     out = {
         "match": float((cos > threshold).float().mean()),
         "cos_mean": float(cos.mean()),
         "threshold": threshold,
-        "far_protected": _cross_identity_far(protected, clean, labels, threshold),
-        "far_clean": _cross_identity_far(clean, clean, labels, threshold),
+        **impostor_accepts(clean, protected, labels, threshold),
     }
     if threshold_far is not None:
         out["match_far"] = float((cos > threshold_far).float().mean())

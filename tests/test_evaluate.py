@@ -16,7 +16,7 @@ import datamodules
 from ppfr import recognizers
 from ppfr.config import compose, to_dict
 from ppfr.errors import ConfigError, DataError
-from ppfr.evaluate import evaluate_set
+from ppfr.evaluate import evaluate_set, impostor_accepts
 from ppfr.generate import ProtectedSet, safe_name
 from ppfr.io import load_png, save_png
 from ppfr.run import Run
@@ -146,3 +146,18 @@ def test_a_set_of_other_data_names_both(made, tmp_path, faces_mini, models_dir, 
     (protected.dir / "meta.json").write_text(json.dumps({"config_hash": "x", "data": data}))
     with pytest.raises(DataError, match=r"made from lfw at .* \(subset pairs=4\) \(.*meta\.json\), this run"):
         evaluate_set(cfg, Run(cfg), dm, protected)
+
+
+def test_impostor_accepts_counts_the_pairs_protection_changed():
+    """Four people, one face each: the protected probe of person 0 drifts onto person 1, so exactly
+    one ordered pair is accepted with it that the clean probe did not pass; unchanged probes change nothing."""
+    clean = torch.eye(4)
+    labels = torch.arange(4)
+    same = impostor_accepts(clean, clean.clone(), labels, 0.5)
+    assert same["impostor_pairs"] == 12 and same["far_protected"] == same["far_clean"] == 0.0
+    assert same["far_protected_only"] == same["far_clean_only"] == 0 and same["far_excess_p"] == 1.0
+    drifted = clean.clone()
+    drifted[0] = torch.nn.functional.normalize(torch.tensor([0.6, 0.8, 0.0, 0.0]), dim=0)
+    m = impostor_accepts(clean, drifted, labels, 0.5)
+    assert m["far_protected"] == 1 / 12 and m["far_clean"] == 0.0
+    assert (m["far_protected_only"], m["far_clean_only"]) == (1, 0) and m["far_excess_p"] == 0.5

@@ -270,6 +270,7 @@ def run(cfg: DictConfig, run: Run) -> dict[str, Any]:
             "ensemble": [r.name for r in ensemble],
             "n": n,
             **{k: m[k] for k in ("match", "cos_mean", "threshold", "far_protected", "far_clean")},
+            **{k: m[k] for k in ("impostor_pairs", "far_protected_only", "far_clean_only", "far_excess_p")},
             "match_ci95": [low, high],
             "ssim": image["ssim"],
             "psnr": image["psnr"],
