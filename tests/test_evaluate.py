@@ -161,3 +161,36 @@ def test_impostor_accepts_counts_the_pairs_protection_changed():
     m = impostor_accepts(clean, drifted, labels, 0.5)
     assert m["far_protected"] == 1 / 12 and m["far_clean"] == 0.0
     assert (m["far_protected_only"], m["far_clean_only"]) == (1, 0) and m["far_excess_p"] == 0.5
+    assert (m["far_probes_more"], m["far_probes_fewer"]) == (1, 0) and m["far_excess_p_probes"] == 0.5
+    # One probe drifting onto three people: three discordant pairs, but one face's vote.
+    spread = torch.nn.functional.normalize(
+        torch.tensor([[0.1, 1.0, 1.0, 1.0]] + torch.eye(4)[1:].tolist()), dim=1
+    )
+    m = impostor_accepts(clean, spread, labels, 0.5)
+    assert (m["far_protected_only"], m["far_probes_more"], m["far_probes_fewer"]) == (3, 1, 0)
+    assert m["far_excess_p"] == 0.125 and m["far_excess_p_probes"] == 0.5
+
+
+def test_impostor_scores_explain_a_far_change_over_chunks():
+    """The impostor score statistics equal a direct computation over every different-identity pair,
+    across the 1024-row chunks; an unchanged probe gives slope 1 and equal means, a probe pulled
+    halfway toward another person a mean above clean."""
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.nn.functional.normalize(torch.randn(1100, 8, generator=gen), dim=1)
+    labels = torch.arange(1100) // 2
+    same = impostor_accepts(clean, clean, labels, 0.9)
+    assert abs(same["impostor_cos_slope"] - 1) < 1e-9
+    assert same["impostor_cos_mean_protected"] == pytest.approx(same["impostor_cos_mean_clean"], abs=1e-12)
+    noisy = torch.nn.functional.normalize(clean + 0.5 * torch.randn(1100, 8, generator=gen), dim=1)
+    m = impostor_accepts(clean, noisy, labels, 0.9)
+    other = labels[:, None] != labels[None, :]
+    x, y = (clean @ clean.T)[other].double(), (noisy @ clean.T)[other].double()
+    assert m["impostor_cos_mean_clean"] == pytest.approx(float(x.mean()), abs=1e-9)
+    assert m["impostor_cos_std_protected"] == pytest.approx(float(y.std(correction=0)), rel=1e-6)
+    slope = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
+    assert m["impostor_cos_slope"] == pytest.approx(slope, rel=1e-6) and 0 < slope < 1
+    pulled = torch.nn.functional.normalize(clean + clean.roll(2, 0), dim=1)  # toward the next person
+    assert (
+        impostor_accepts(clean, pulled, labels, 0.9)["impostor_cos_mean_protected"]
+        > m["impostor_cos_mean_clean"]
+    )

@@ -296,6 +296,9 @@ def test_transfer_experiment_writes_its_table_and_resumes(
         assert 0 <= low <= row["match"] <= high <= 1
         assert 0 < row["ssim"] < 0.9 and row["psnr"] > 0 and -1 <= row["cos_mean"] <= 1
         assert row["impostor_pairs"] == 2 and 0 <= row["far_excess_p"] <= 1  # two faces, two people
+        # two faces: one clean impostor score, counted both ways, so no spread and no slope
+        assert row["impostor_cos_std_clean"] < 1e-6 and math.isnan(row["impostor_cos_slope"])
+        assert -1 <= row["impostor_cos_mean_protected"] <= 1 and row["impostor_cos_std_protected"] >= 0
         assert f"monitor/{name}" in row["curve"]["keys"] and len(row["curve"]["rows"]) == 3
         assert len((run / "protected" / name / "manifest.jsonl").read_text().splitlines()) == 2
         assert (run / "images" / f"transfer_grid_{name}.png").is_file()
