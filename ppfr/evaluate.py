@@ -102,10 +102,11 @@ def impostor_accepts(
         other = labels[start : start + 1024, None] != labels[None, :]
         sp, sc = protected[start : start + 1024] @ clean.T, clean[start : start + 1024] @ clean.T
         p, c = (sp > threshold) & other, (sc > threshold) & other
-        for key, mask in (("pairs", other), ("protected", p), ("clean", c), ("protected_only", p & ~c),
-                          ("clean_only", c & ~p)):  # fmt: skip
+        p_only, c_only = p & ~c, c & ~p
+        for key, mask in (("pairs", other), ("protected", p), ("clean", c), ("protected_only", p_only),
+                          ("clean_only", c_only)):  # fmt: skip
             n[key] += int(mask.sum())
-        net = (p & ~c).sum(1) - (c & ~p).sum(1)  # per probe face
+        net = p_only.sum(1) - c_only.sum(1)  # per probe face
         n["more"], n["fewer"] = n["more"] + int((net > 0).sum()), n["fewer"] + int((net < 0).sum())
         x, y = sc[other].double(), sp[other].double()
         sums += torch.stack([x.sum(), y.sum(), (x * x).sum(), (y * y).sum(), (x * y).sum()])
@@ -113,11 +114,14 @@ def impostor_accepts(
     def excess_p(up: int, down: int) -> float:
         return float(binomtest(up, up + down, 0.5, alternative="greater").pvalue) if up + down else 1.0
 
-    k = max(n["pairs"], 1)
-    mean_c, mean_p = float(sums[0]) / k, float(sums[1]) / k
-    var_c, var_p = float(sums[2]) / k - mean_c**2, float(sums[3]) / k - mean_p**2
-    cov = float(sums[4]) / k - mean_c * mean_p
     nan = float("nan")
+    mean_c = mean_p = std_c = std_p = slope = nan  # no pairs: no scores
+    if n["pairs"]:
+        mean_c, mean_p, sq_c, sq_p, prod = (sums / n["pairs"]).tolist()
+        var_c = sq_c - mean_c**2
+        std_c, std_p = max(var_c, 0.0) ** 0.5, max(sq_p - mean_p**2, 0.0) ** 0.5
+        if var_c > 1e-12:  # one clean score: no slope
+            slope = (prod - mean_c * mean_p) / var_c
     return {
         "far_protected": n["protected"] / n["pairs"] if n["pairs"] else nan,
         "far_clean": n["clean"] / n["pairs"] if n["pairs"] else nan,
@@ -128,11 +132,11 @@ def impostor_accepts(
         "far_probes_more": n["more"],
         "far_probes_fewer": n["fewer"],
         "far_excess_p_probes": excess_p(n["more"], n["fewer"]),
-        "impostor_cos_mean_clean": mean_c if n["pairs"] else nan,
-        "impostor_cos_mean_protected": mean_p if n["pairs"] else nan,
-        "impostor_cos_std_clean": max(var_c, 0.0) ** 0.5 if n["pairs"] else nan,
-        "impostor_cos_std_protected": max(var_p, 0.0) ** 0.5 if n["pairs"] else nan,
-        "impostor_cos_slope": cov / var_c if var_c > 1e-12 else nan,  # one clean score: no slope
+        "impostor_cos_mean_clean": mean_c,
+        "impostor_cos_mean_protected": mean_p,
+        "impostor_cos_std_clean": std_c,
+        "impostor_cos_std_protected": std_p,
+        "impostor_cos_slope": slope,
     }
 
 
