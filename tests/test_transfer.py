@@ -176,6 +176,32 @@ def test_negatives_push_faces_away_from_the_reference_faces(zoo, faces, referenc
         protect(zoo, faces, {"negatives": {"weight": 1.0}})
 
 
+def test_spread_penalty_narrows_the_scores_against_reference_faces(zoo, faces, references):
+    """penalty=spread: where the plain ascent leaves a face's mean squared cos to the reference faces
+    above the clean face's, a strong weight brings it lower; an unknown penalty is refused."""
+
+    def spread(images: torch.Tensor) -> torch.Tensor:  # surrogates x faces
+        with torch.no_grad():
+            return torch.stack(
+                [
+                    (F.normalize(zoo[n](images)) @ F.normalize(r).T).square().mean(1)
+                    for n, r in zip(SURROGATES, references, strict=True)
+                ]
+            )
+
+    def pushed(penalty: str) -> torch.Tensor:
+        booster = {"negatives": {"weight": 5.0, "penalty": penalty}}
+        return protect(zoo, faces, booster, steps=5, negatives=references)
+
+    plain, narrowed = spread(protect(zoo, faces, steps=5)), pushed("spread")
+    wider = plain > spread(faces)
+    assert wider.any(), (plain, spread(faces))
+    assert (spread(narrowed)[wider] < plain[wider]).all(), (spread(narrowed), plain, spread(faces))
+    assert (narrowed - pushed("nearest")).abs().mean() > 1e-4  # another penalty, another ascent
+    with pytest.raises(ConfigError, match="negatives.penalty: 'widest' is not one of nearest, spread"):
+        protect(zoo, faces, {"negatives": {"weight": 1.0, "penalty": "widest"}}, negatives=references)
+
+
 def test_reference_faces_are_other_people(faces_mini, lfw_train, models_dir, align_cache):
     """The task embeds the reference people with every surrogate; people of the protected set are refused."""
     args = [

@@ -26,6 +26,7 @@ from ppfr.protect.base import METHODS, ProtectionMethod, check_batch, part
 
 MODES = ("modulate", "add", "both")
 UPDATES = ("raw", "sign")
+NEGATIVES = ("nearest", "spread")
 MAX_RADIUS = 0.5 * math.sqrt(2)  # the highest frequency radius of an image, cycles/pixel
 
 
@@ -134,11 +135,15 @@ class Lowres:
 
 @dataclass(frozen=True)
 class Negatives:
-    """Push each face away from other people: minus ``weight`` x the smooth maximum (logsumexp at
-    ``temperature``) of its cosine to reference faces, the first ``identities`` people of ``root``
-    (the task embeds them once; weight 0 = off)."""
+    """Push each face away from other people, the first ``identities`` people of ``root`` (the task
+    embeds them once; weight 0 = off). ``penalty`` "nearest": minus ``weight`` x the smooth maximum
+    (logsumexp at ``temperature``) of its cosine to the reference faces. "spread": minus ``weight``
+    x how far the mean squared cosine to them exceeds the clean face's (ratio - 1, zero at or below
+    it): a protected face whose scores against other people spread wider than the clean face's
+    passes more of them at a threshold in the tail."""
 
     weight: float = 0.0
+    penalty: str = "nearest"
     temperature: float = 0.05
     root: str | None = None  # read by the task (null: the attackers' training people)
     identities: int = 256
@@ -368,6 +373,10 @@ class LFSA(ProtectionMethod):
         rules = [
             (nz.mode in MODES, f"protect.noise.mode: {nz.mode!r} is not one of {', '.join(MODES)}"),
             (self.update in UPDATES, f"protect.update: {self.update!r} is not one of {', '.join(UPDATES)}"),
+            (
+                boost.negatives.penalty in NEGATIVES,
+                f"protect.boosters.negatives.penalty: {boost.negatives.penalty!r} is not one of {', '.join(NEGATIVES)}",
+            ),
             (pr.window % 2 == 1, f"protect.prune.window: {pr.window} must be odd"),
             (
                 boost.ti_kernel == 0 or (boost.ti_kernel >= 3 and boost.ti_kernel % 2 == 1),
@@ -560,18 +569,24 @@ class LFSA(ProtectionMethod):
             ent = parts.histogram_entropy(image, self.entropy.bins, self.entropy.bandwidth)
         loss = (weights * cos).sum(1) + gamma * pulled * ent
         if boost.negatives.weight:
-            loss = loss - boost.negatives.weight * pulled * (self.betas * self._nearest_others(embs)).sum(1)
+            loss = loss - boost.negatives.weight * pulled * (
+                self.betas * self._negatives_penalty(embs, targets)
+            ).sum(1)
         return loss, cos, ent
 
-    def _nearest_others(self, embs: list[Tensor]) -> Tensor:
-        """B x n: per surrogate, the smooth maximum of cos to its reference faces, averaged over views."""
-        tau = self.boosters.negatives.temperature
+    def _negatives_penalty(self, embs: list[Tensor], targets: list[Tensor]) -> Tensor:
+        """B x n: per surrogate, the negatives penalty against its reference faces (mean over views)."""
+        neg = self.boosters.negatives
         refs = [getattr(self, f"negatives_{i}") for i in range(self._n_negatives)]
-        near = [
-            tau * torch.logsumexp(F.normalize(e, dim=-1) @ ref.T / tau, dim=-1).mean(0)
-            for e, ref in zip(embs, refs, strict=True)
-        ]
-        return torch.stack(near, 1)
+        out = []
+        for e, t, ref in zip(embs, targets, refs, strict=True):
+            cos = F.normalize(e, dim=-1) @ ref.T  # views x B x M
+            if neg.penalty == "spread":
+                clean = (F.normalize(t, dim=-1) @ ref.T).square().mean(-1)
+                out.append(F.relu(cos.square().mean(-1).mean(0) / clean.clamp_min(1e-12) - 1))
+            else:
+                out.append(neg.temperature * torch.logsumexp(cos / neg.temperature, dim=-1).mean(0))
+        return torch.stack(out, 1)
 
     def _neighbours(self, image: Tensor, targets, weights, draws, boost_gens) -> Tensor:
         """Mean gradient at ``variance_tuning.n`` random points within +-radius of ``image``."""
