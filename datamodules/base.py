@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ppfr.align import ON_NO_FACE, Aligner, progress_bar, unreadable
-from ppfr.errors import ConfigError, DataError
+from ppfr.errors import ConfigError, DataError, check_choice
 from ppfr.registry import Registry
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
@@ -224,8 +224,7 @@ class FaceDataModule(L.LightningDataModule):
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.augment = dict(augment or {})
         self.train_transform = build_augment(self.augment)
-        if on_no_face not in ON_NO_FACE:
-            raise ConfigError(f"data.on_no_face: {on_no_face!r} is not one of {', '.join(ON_NO_FACE)}")
+        check_choice("data.on_no_face", on_no_face, ON_NO_FACE)
         # The cache keeps the detection outcome, so one aligner serves every no-face policy: it
         # always returns the centre crop, and setup() applies on_no_face to the whole dataset.
         self.aligner = Aligner(self.cache_dir, on_no_face="center_crop")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ppfr.errors import ConfigError, DataError
+from ppfr.errors import DataError, check_choice
 
 from .base import DATAMODULES, FaceDataModule, Pair, Record, need_file
 from .lfw import parse_lfw_pairs
@@ -56,8 +56,7 @@ class CelebADataModule(FaceDataModule):
         **kwargs,
     ) -> None:
         super().__init__(root, **kwargs)
-        if split != "all" and split not in SPLITS:
-            raise ConfigError(f"data.split: {split!r} is not one of all, {', '.join(SPLITS)}")
+        check_choice("data.split", split, ("all", *SPLITS))
         self.images_dir = images_dir
         self.identity_file = identity_file
         self.partition_file = partition_file

@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from ppfr.errors import ConfigError, DataError
+from ppfr.errors import ConfigError, DataError, check_choice
 from ppfr.io import write_with
 from ppfr.template import ARCFACE_112, similarity_transform, template
 
@@ -126,8 +126,7 @@ class Aligner:
         size: int = 112,
         device: str = "cpu",
     ) -> None:
-        if on_no_face not in ON_NO_FACE:
-            raise ConfigError(f"on_no_face: {on_no_face!r} is not one of {', '.join(ON_NO_FACE)}")
+        check_choice("on_no_face", on_no_face, ON_NO_FACE)
         if size < 16:
             raise ConfigError(f"size: {size} is too small for a face crop")
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ppfr.errors import ConfigError, DataError
+from ppfr.errors import DataError, check_choice
 from ppfr.protect.base import ProtectionMethod
 
 BLOCK = 8
@@ -163,12 +163,8 @@ class FrequencyMethod(ProtectionMethod):
 
     def __init__(self, visible: str, attacker_input: str, kept_channels: int) -> None:
         super().__init__()
-        if visible not in VISIBLE:
-            raise ConfigError(f"protect.visible: {visible!r} is not one of {', '.join(VISIBLE)}")
-        if attacker_input not in ATTACKER_INPUTS:
-            raise ConfigError(
-                f"protect.attacker_input: {attacker_input!r} is not one of {', '.join(ATTACKER_INPUTS)}"
-            )
+        check_choice("protect.visible", visible, VISIBLE)
+        check_choice("protect.attacker_input", attacker_input, ATTACKER_INPUTS)
         self.stretch = visible == "stretched"
         self.attacker_view = attacker_input
         self.attacker_channels = 3 if attacker_input == "image" else kept_channels

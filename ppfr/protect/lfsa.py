@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ppfr.errors import ConfigError
+from ppfr.errors import ConfigError, check_choice
 from ppfr.protect import parts
 from ppfr.protect.base import METHODS, ProtectionMethod, check_batch, part
 
@@ -370,13 +370,10 @@ class LFSA(ProtectionMethod):
         ]
         for key, value, interval in checks:
             in_range(key, value, interval)
+        check_choice("protect.noise.mode", nz.mode, MODES)
+        check_choice("protect.update", self.update, UPDATES)
+        check_choice("protect.boosters.negatives.penalty", boost.negatives.penalty, NEGATIVES)
         rules = [
-            (nz.mode in MODES, f"protect.noise.mode: {nz.mode!r} is not one of {', '.join(MODES)}"),
-            (self.update in UPDATES, f"protect.update: {self.update!r} is not one of {', '.join(UPDATES)}"),
-            (
-                boost.negatives.penalty in NEGATIVES,
-                f"protect.boosters.negatives.penalty: {boost.negatives.penalty!r} is not one of {', '.join(NEGATIVES)}",
-            ),
             (pr.window % 2 == 1, f"protect.prune.window: {pr.window} must be odd"),
             (
                 boost.ti_kernel == 0 or (boost.ti_kernel >= 3 and boost.ti_kernel % 2 == 1),

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.transforms.v2.functional import gaussian_blur
 
-from ppfr.errors import ConfigError
+from ppfr.errors import ConfigError, check_choice
 from ppfr.template import ARCFACE_112
 
 
@@ -77,8 +77,7 @@ def highpass(x: Tensor, omega_c: float, rescale: str = "minmax", gain: float = 4
     ``minmax`` stretches each image to [0,1], ``offset`` gives clip(0.5 + gain*D), ``none`` returns D.
     Computed in float32: cuFFT half precision only takes powers of two.
     """
-    if rescale not in RESCALES:
-        raise ConfigError(f"highpass.rescale: {rescale!r} is not one of {', '.join(RESCALES)}")
+    check_choice("highpass.rescale", rescale, RESCALES)
     h, w = x.shape[-2:]
     u = torch.fft.fftfreq(h, device=x.device)
     v = torch.fft.rfftfreq(w, device=x.device)
@@ -116,8 +115,7 @@ def keep_mask(
         raise ConfigError(
             f"prune.regions: {list(regions)} must be a non-empty subset of {', '.join(REGIONS)}"
         )
-    if shape not in SHAPES:
-        raise ConfigError(f"prune.shape: {shape!r} is not one of {', '.join(SHAPES)}")
+    check_choice("prune.shape", shape, SHAPES)
     rx, ry = (float(radius), float(radius)) if isinstance(radius, (int, float)) else map(float, radius)
     if rx <= 0 or ry <= 0:
         raise ConfigError(f"prune.radius: {radius} must be positive")

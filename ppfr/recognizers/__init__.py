@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ppfr.errors import ConfigError
+from ppfr.errors import ConfigError, check_choice
 from ppfr.recognizers import facenet, iresnet  # noqa: F401  (they register themselves)
 from ppfr.recognizers.base import RECOGNIZERS, Recognizer
 from ppfr.recognizers.onnx import BACKENDS, create_onnx, load_catalog
@@ -45,8 +45,7 @@ def create(
 ) -> Recognizer:
     """One recognizer by name: an ONNX model from `models_dir` (run by `backend`: native or onnx;
     a native module's weights `channels_last` or not), or a PyTorch architecture with `weights`."""
-    if backend not in BACKENDS:
-        raise ConfigError(f"recognizer.backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+    check_choice("recognizer.backend", backend, BACKENDS)
     if name in RECOGNIZERS:
         if weights is None:
             raise ConfigError(
