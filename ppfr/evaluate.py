@@ -115,16 +115,17 @@ def impostor_accepts(
         return float(binomtest(up, up + down, 0.5, alternative="greater").pvalue) if up + down else 1.0
 
     nan = float("nan")
-    mean_c = mean_p = std_c = std_p = slope = nan  # no pairs: no scores
+    far_p = far_c = mean_c = mean_p = std_c = std_p = slope = nan  # no pairs: no FAR, no scores
     if n["pairs"]:
+        far_p, far_c = n["protected"] / n["pairs"], n["clean"] / n["pairs"]
         mean_c, mean_p, sq_c, sq_p, prod = (sums / n["pairs"]).tolist()
         var_c = sq_c - mean_c**2
         std_c, std_p = max(var_c, 0.0) ** 0.5, max(sq_p - mean_p**2, 0.0) ** 0.5
         if var_c > 1e-12:  # one clean score: no slope
             slope = (prod - mean_c * mean_p) / var_c
     return {
-        "far_protected": n["protected"] / n["pairs"] if n["pairs"] else nan,
-        "far_clean": n["clean"] / n["pairs"] if n["pairs"] else nan,
+        "far_protected": far_p,
+        "far_clean": far_c,
         "impostor_pairs": n["pairs"],
         "far_protected_only": n["protected_only"],
         "far_clean_only": n["clean_only"],

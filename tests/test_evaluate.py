@@ -4,6 +4,7 @@ PNGs (the method is never run), and a clear error when the data differs from the
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -169,6 +170,10 @@ def test_impostor_accepts_counts_the_pairs_protection_changed():
     m = impostor_accepts(clean, spread, labels, 0.5)
     assert (m["far_protected_only"], m["far_probes_more"], m["far_probes_fewer"]) == (3, 1, 0)
     assert m["far_excess_p"] == 0.125 and m["far_excess_p_probes"] == 0.5
+    # One person only: no impostor pairs, so no FAR and no scores rather than a division by zero.
+    alone = impostor_accepts(clean[:2], clean[:2], torch.zeros(2, dtype=torch.long), 0.5)
+    assert alone["impostor_pairs"] == 0 and alone["far_excess_p"] == 1.0
+    assert all(math.isnan(alone[k]) for k in ("far_protected", "far_clean", "impostor_cos_std_clean"))
 
 
 def test_impostor_scores_explain_a_far_change_over_chunks():
