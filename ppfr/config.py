@@ -22,7 +22,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from ppfr.errors import ConfigError
+from ppfr.errors import ConfigError, check_choice
 
 
 def _config_dir() -> Path:
@@ -57,7 +57,8 @@ RANGES: dict[str, tuple[int, int | None]] = {
     "data.subset.pairs": (1, None),
     "recognizer.batch_size": (1, None),
 }
-CHOICES: dict[str, tuple[str, ...]] = {"eval.threshold_source": ("file", "nearest", "in_run", "auto")}
+THRESHOLD_SOURCES = ("file", "nearest", "in_run", "auto")  # where evaluation takes its thresholds from
+CHOICES: dict[str, tuple[str, ...]] = {"eval.threshold_source": THRESHOLD_SOURCES}
 # Types a key takes beyond those its values in the shipped options show (see `_expected`).
 MORE_TYPES: dict[str, set[str | None]] = {
     "trainer.devices": {"list"},  # device indices, e.g. [0, 1]
@@ -243,8 +244,8 @@ def check(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value}: must be >= {low}" + (f" and <= {high}" if high else ""))
     for key, valid in CHOICES.items():
         value = OmegaConf.select(cfg, key, default=None)
-        if value is not None and value not in valid:
-            raise ConfigError(f"{key}={value!r}: expected one of {', '.join(valid)}")
+        if value is not None:
+            check_choice(key, value, valid)
 
 
 def compose(argv: Sequence[str] = (), config_dir: Path = CONFIG_DIR) -> DictConfig:

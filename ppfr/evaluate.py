@@ -24,8 +24,9 @@ from scipy.stats import binomtest
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from ppfr import recognizers
+from ppfr.config import THRESHOLD_SOURCES
 from ppfr.devices import device as device_of
-from ppfr.errors import ConfigError, DataError
+from ppfr.errors import ConfigError, DataError, check_choice
 from ppfr.generate import ProtectedSet, safe_name
 from ppfr.io import load_png
 from ppfr.recognizers import Recognizer
@@ -43,7 +44,6 @@ from ppfr.verification import (
 
 MIN_PAIRS_PER_CLASS = 10  # below this, k-fold pair accuracy is not reported
 FAR = "1e-3"  # the fixed false accept rate of the second match column
-THRESHOLD_SOURCES = ("file", "nearest", "in_run", "auto")
 FIRST_STAGES = ("F", "C")  # grid columns after the original; other stored stages follow by name
 
 
@@ -192,8 +192,7 @@ def evaluate_set(
 
     Never runs the protection method: the grid shows the PNGs stored with the set."""
     source = cfg.eval.threshold_source
-    if source not in THRESHOLD_SOURCES:
-        raise ConfigError(f"eval.threshold_source={source!r}: one of {', '.join(THRESHOLD_SOURCES)}")
+    check_choice("eval.threshold_source", source, THRESHOLD_SOURCES)
     records = protected_set.manifest()
     check_records(cfg, dm, protected_set, records)
     device = device_of(cfg)

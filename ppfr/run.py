@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import make_grid
 
 from ppfr.config import to_dict
-from ppfr.errors import ConfigError
+from ppfr.errors import ConfigError, check_choice
 from ppfr.io import save_png, write_atomic
 
 __all__ = ["Run", "format_table", "is_main_process", "write_atomic"]
@@ -80,8 +80,7 @@ def _make_logger(cfg: DictConfig, run_dir: Path) -> Logger:
         return CSVLogger(save_dir=run_dir, name="", version="csv")
     if kind == "wandb":
         mode = os.environ.get("WANDB_MODE") or cfg.logger.mode
-        if mode not in ("offline", "online", "disabled"):
-            raise ConfigError(f"logger.mode={mode!r}: expected offline, online or disabled")
+        check_choice("logger.mode (or $WANDB_MODE)", mode, ("offline", "online", "disabled"))
         return WandbLogger(
             project=cfg.logger.project,
             entity=cfg.logger.entity,

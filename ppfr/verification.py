@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from torchmetrics.functional.classification import binary_auroc
 
-from ppfr.errors import ConfigError, DataError
+from ppfr.errors import ConfigError, DataError, check_choice
 from ppfr.io import write_atomic
 from ppfr.recognizers import Recognizer
 
@@ -273,8 +273,7 @@ def load_threshold(
     """A calibrated threshold of `recognizer` for the data and flip setting of `cfg`, from `cfg.calibration_file`.
 
     `key`: "threshold" (best accuracy), "threshold_far_1e-2" or "threshold_far_1e-3"."""
-    if key not in CALIBRATION_KEYS[: 1 + len(FARS)]:
-        raise ConfigError(f"threshold key {key!r}: one of {', '.join(CALIBRATION_KEYS[: 1 + len(FARS)])}")
+    check_choice("threshold key", key, CALIBRATION_KEYS[: 1 + len(FARS)])
     return float(find_calibration(cfg.calibration_file, measured_on(cfg, recognizer), fallback)[key])
 
 

@@ -154,7 +154,7 @@ def test_malformed_arguments():
         ("data.subset.pairs=0", r"data\.subset\.pairs=0: must be >= 1"),
         (
             "eval.threshold_source=bogus",
-            r"eval\.threshold_source='bogus': expected one of file, nearest, in_run, auto",
+            r"eval\.threshold_source: 'bogus' is not one of file, nearest, in_run, auto",
         ),
         ("data.root=${nope}", r"data\.root=\$\{nope\}: .*nope"),
     ],
@@ -266,6 +266,14 @@ def test_cli_run_writes_config_results_and_offline_wandb(faces_mini, align_cache
     config = OmegaConf.load(run_dir / "config.yaml")
     assert config.data.subset.pairs == 4 and config.threads == 1 and torch.get_num_threads() == 1
     assert list((run_dir / "wandb").glob("offline-run-*")), "W&B must write an offline run by default"
+
+
+def test_unknown_wandb_mode_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    with pytest.raises(
+        ConfigError, match=r"logger\.mode \(or \$WANDB_MODE\): 'offline2' is not one of offline"
+    ):
+        main(["experiment=data_check", "logger=wandb", "logger.mode=offline2", f"run_dir={tmp_path}"])
 
 
 def test_unknown_task_is_an_error(tmp_path):

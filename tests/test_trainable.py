@@ -15,7 +15,7 @@ from ppfr.errors import ConfigError, ModelError
 from ppfr.fit import main
 from ppfr.protect import create
 from ppfr.protect.minusface import permutations
-from ppfr.protect.training import ArcFace, OwnRecognizer
+from ppfr.protect.training import ArcFace, OwnRecognizer, optimizer
 
 SMALL_G = {"encoder": "resnet18", "depth": 4, "decoder_channels": [16, 8, 8, 8]}
 SMALL_G_ARGS = ["protect.generator.encoder=resnet18", "protect.generator.decoder_channels=[16,8,8,8]"]
@@ -94,6 +94,16 @@ def test_minusface_permutations_follow_the_seed():
     assert not torch.equal(a[0, :192], a[0, 192:])  # the duplicates are independent shuffles
     for row in a.view(-1, 192):
         assert torch.equal(row.sort().values, torch.arange(192))
+
+
+def test_optimizer_builds_the_schedule_and_names_an_unknown_kind():
+    params = [{"params": [torch.nn.Parameter(torch.zeros(2))]}]
+    schedule = {"optimizer": "adam", "lr": 0.1, "weight_decay": 0.0, "milestones": [2]}
+    assert isinstance(optimizer(params, schedule)["optimizer"], torch.optim.Adam)
+    with pytest.raises(
+        ConfigError, match=r"train\.schedules\.\*\.optimizer: 'rmsprop' is not one of sgd, adam"
+    ):
+        optimizer(params, {**schedule, "optimizer": "rmsprop"})
 
 
 def test_untrained_methods_refuse_to_protect():

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ppfr.errors import ConfigError, ModelError
+from ppfr.errors import ConfigError, ModelError, check_choice
 from ppfr.protect.base import plain
 from ppfr.recognizers.iresnet import LAYERS, IResNet
 from ppfr.registry import Registry
@@ -93,14 +93,13 @@ def optimizer(groups: list[dict[str, Any]], schedule: Mapping[str, Any]) -> dict
             f"train.schedules: unknown key(s) {', '.join(unknown)}; valid: {', '.join(SCHEDULE_KEYS)}"
         )
     kind, lr, decay = schedule["optimizer"], float(schedule["lr"]), float(schedule["weight_decay"])
+    check_choice("train.schedules.*.optimizer", kind, OPTIMIZERS)
     if kind == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(
             groups, lr=lr, momentum=float(schedule["momentum"]), weight_decay=decay
         )
-    elif kind == "adam":
-        opt = torch.optim.Adam(groups, lr=lr, weight_decay=decay)
     else:
-        raise ConfigError(f"train.schedules.*.optimizer={kind!r}: expected one of {', '.join(OPTIMIZERS)}")
+        opt = torch.optim.Adam(groups, lr=lr, weight_decay=decay)
     steps = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(schedule["milestones"]), gamma=0.1)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": steps, "interval": "epoch"}}
 
