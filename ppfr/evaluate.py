@@ -44,6 +44,7 @@ from ppfr.verification import (
 
 MIN_PAIRS_PER_CLASS = 10  # below this, k-fold pair accuracy is not reported
 FAR = "1e-3"  # the fixed false accept rate of the second match column
+KEPT_COS = (0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)  # the counterfactual own-identity cos of `far_by_kept_cos`
 FIRST_STAGES = ("F", "C")  # grid columns after the original; other stored stages follow by name
 
 
@@ -84,7 +85,7 @@ def embed_sets(
 
 def impostor_accepts(
     clean: torch.Tensor, protected: torch.Tensor, labels: torch.Tensor, threshold: float
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Over ordered pairs (a, b) of different identities, probe a against clean b: how many pass the
     threshold with the protected probe a' and with the clean probe a, and the pairs where only one
     does. The two FARs share every pair, so the discordant pairs (a one-sided sign test) say whether
@@ -95,13 +96,33 @@ def impostor_accepts(
     Beside the counts, the impostor scores themselves, which say why a FAR moved with far fewer
     faces than the counts need: their mean and std with each probe, and the least-squares slope of
     the protected score on the clean one. A slope above the genuine `cos_mean` means the protected
-    probe kept more of its likeness to other people than of its own identity."""
-    n = {"pairs": 0, "protected": 0, "clean": 0, "protected_only": 0, "clean_only": 0, "more": 0, "fewer": 0}
+    probe kept more of its likeness to other people than of its own identity.
+
+    And where the change comes from. Each protected embedding is a·(its clean one) + a residual
+    orthogonal to it. `impostor_residual_common` is the length of the residuals' mean over that of
+    one residual (0: they point every which way; 1: every face moved the same way, a signature of
+    the protection), `far_protected_without_common` the FAR with that mean taken out of every
+    probe, and `far_by_kept_cos` the FAR had every probe kept cos a to its clean self with its
+    residual's direction unchanged, for each a of `KEPT_COS`: whether keeping more identity, or
+    less, would bring the FAR back to clean."""
+    n = {"pairs": 0, "protected": 0, "clean": 0, "protected_only": 0, "clean_only": 0, "more": 0, "fewer": 0,
+         "without_common": 0}  # fmt: skip
+    kept = torch.zeros(len(KEPT_COS), dtype=torch.long)
     sums = torch.zeros(5, dtype=torch.float64)  # clean, protected, clean^2, protected^2, clean*protected
+    resid = protected - (protected * clean).sum(1, keepdim=True) * clean
+    resid = resid * (resid.norm(dim=1, keepdim=True) > 1e-6)  # an unchanged probe's rounding: none
+    common = resid.mean(0)
+    unit, without = F.normalize(resid, dim=1), F.normalize(protected - common, dim=1)
     for start in range(0, len(clean), 1024):
-        other = labels[start : start + 1024, None] != labels[None, :]
-        sp, sc = protected[start : start + 1024] @ clean.T, clean[start : start + 1024] @ clean.T
+        rows = slice(start, start + 1024)
+        other = labels[rows, None] != labels[None, :]
+        sp, sc = protected[rows] @ clean.T, clean[rows] @ clean.T
+        sw, sr = without[rows] @ clean.T, unit[rows] @ clean.T
         p, c = (sp > threshold) & other, (sc > threshold) & other
+        n["without_common"] += int(((sw > threshold) & other).sum())
+        kept += torch.tensor(
+            [int(((a * sc + (1 - a * a) ** 0.5 * sr > threshold) & other).sum()) for a in KEPT_COS]
+        )
         p_only, c_only = p & ~c, c & ~p
         for key, mask in (("pairs", other), ("protected", p), ("clean", c), ("protected_only", p_only),
                           ("clean_only", c_only)):  # fmt: skip
@@ -115,9 +136,11 @@ def impostor_accepts(
         return float(binomtest(up, up + down, 0.5, alternative="greater").pvalue) if up + down else 1.0
 
     nan = float("nan")
-    far_p = far_c = mean_c = mean_p = std_c = std_p = slope = nan  # no pairs: no FAR, no scores
+    far_p = far_c = far_w = mean_c = mean_p = std_c = std_p = slope = nan  # no pairs: no FAR, no scores
+    far_kept = {f"{a:.2f}": nan for a in KEPT_COS}
     if n["pairs"]:
-        far_p, far_c = n["protected"] / n["pairs"], n["clean"] / n["pairs"]
+        far_p, far_c, far_w = (n[k] / n["pairs"] for k in ("protected", "clean", "without_common"))
+        far_kept = {f"{a:.2f}": int(k) / n["pairs"] for a, k in zip(KEPT_COS, kept, strict=True)}
         mean_c, mean_p, sq_c, sq_p, prod = (sums / n["pairs"]).tolist()
         var_c = sq_c - mean_c**2
         std_c, std_p = max(var_c, 0.0) ** 0.5, max(sq_p - mean_p**2, 0.0) ** 0.5
@@ -138,6 +161,9 @@ def impostor_accepts(
         "impostor_cos_std_clean": std_c,
         "impostor_cos_std_protected": std_p,
         "impostor_cos_slope": slope,
+        "impostor_residual_common": float(common.norm() / resid.norm(dim=1).mean()) if resid.any() else nan,
+        "far_protected_without_common": far_w,
+        "far_by_kept_cos": far_kept,
     }
 
 

@@ -176,6 +176,33 @@ def test_impostor_accepts_counts_the_pairs_protection_changed():
     assert all(math.isnan(alone[k]) for k in ("far_protected", "far_clean", "impostor_cos_std_clean"))
 
 
+def test_impostor_residual_splits_a_far_change_into_a_common_shift_and_the_kept_identity():
+    """Every probe moved the same way (a protection's signature, here along a direction no clean face
+    has): the residuals are all common, and taking their mean out gives back the clean probes and
+    their FAR. Independent residuals share little. The kept-identity FAR follows each probe's own
+    residual direction at cos a to its clean self."""
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.nn.functional.normalize(
+        torch.cat([torch.randn(300, 15, generator=gen), torch.zeros(300, 1)], 1), dim=1
+    )
+    labels = torch.arange(300) // 3
+    signed = torch.nn.functional.normalize(clean + 0.8 * torch.eye(16)[15], dim=1)
+    m = impostor_accepts(clean, signed, labels, 0.3)
+    assert m["impostor_residual_common"] == pytest.approx(1.0, abs=1e-5)
+    assert m["far_protected"] < m["far_clean"] and m["far_protected_without_common"] == m["far_clean"]
+    noisy = torch.nn.functional.normalize(clean + 0.8 * torch.randn(300, 16, generator=gen), dim=1)
+    m = impostor_accepts(clean, noisy, labels, 0.3)
+    assert m["impostor_residual_common"] < 0.3
+    r = torch.nn.functional.normalize(noisy - (noisy * clean).sum(1, keepdim=True) * clean, dim=1)
+    other = labels[:, None] != labels[None, :]
+    far = ((0.6 * clean + 0.8 * r) @ clean.T > 0.3)[other].float().mean().item()
+    assert m["far_by_kept_cos"]["0.60"] == pytest.approx(far, abs=2 / other.sum().item())
+    assert list(m["far_by_kept_cos"]) == ["0.95", "0.90", "0.80", "0.70", "0.60", "0.50", "0.40"]
+    unchanged = impostor_accepts(clean, clean, labels, 0.3)  # no residual: nothing is common
+    assert math.isnan(unchanged["impostor_residual_common"])
+    assert unchanged["far_protected_without_common"] == unchanged["far_clean"]
+
+
 def test_impostor_scores_explain_a_far_change_over_chunks():
     """The impostor score statistics equal a direct computation over every different-identity pair,
     across the 1024-row chunks; an unchanged probe gives slope 1 and equal means, a probe pulled
