@@ -66,6 +66,24 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def matmul_rate(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of the fastest of `repeats` n x n float32 matmuls: the reference of what this
+    machine's cores (or GPU) can do, against which a network's own GFLOP/s reads as a fraction."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best = timed({"matmul": lambda: a @ b}, device, repeats)[0]["matmul"]
+    return 2 * n**3 / best / 1e9
+
+
+def flops(fn: Callable[[], object]) -> float:
+    """Floating-point operations of one call of `fn`, as torch's FLOP counter sees its matmuls and
+    convolutions (elementwise work is not counted). Compiled modules run eagerly for the count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
 @functools.cache
 def warm_up(device: torch.device) -> None:
     """Start what any first call would (CUDA context, cuBLAS and cuDNN handles) on shapes of their own,

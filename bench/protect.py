@@ -7,9 +7,11 @@
 For one batch, in one run, both backends (onnx2torch and native) side by side: the bare ensemble's
 image-steps/s (forward + input gradient of every surrogate, as the method pays per step), the full
 method's images/s at the config's T, the method's overhead over the bare ensemble, the peak
-memory of one method call, and the seconds of the backend's first bare call (what a process pays
+memory of one method call, the seconds of the backend's first bare call (what a process pays
 once per batch shape, such as cuDNN's plans; backends run in the order given, so a later one whose
-shapes and layout an earlier one used finds them warm). `native-nchw` is native with contiguous
+shapes and layout an earlier one used finds them warm), and the bare ensemble's GFLOP per image-step
+(its convolutions and matmuls, by torch's FLOP counter) with the share of a large float32 matmul's
+GFLOP/s it reaches: how far the backend is from what the machine can do. `native-nchw` is native with contiguous
 weights (`recognizer.channels_last=false`). Per step = (t(steps) - t(1)) / (steps - 1), so the once-per-call work
 (F, C, clean embeddings) cancels out; images/s at T = batch / (t(1) + (T - 1) * per step).
 `--bf16` runs everything under bf16 autocast (as `trainer.precision=bf16-mixed` does), `--compile`
@@ -30,7 +32,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_machine_options, apply_machine_options, machine, sync, timed  # noqa: E402
+from common import (  # noqa: E402
+    add_machine_options,
+    apply_machine_options,
+    flops,
+    machine,
+    matmul_rate,
+    sync,
+    timed,
+)
 
 from ppfr import protect, recognizers  # noqa: E402
 from ppfr.config import load_option, to_dict  # noqa: E402
@@ -94,7 +104,7 @@ def main() -> None:
     )
 
     fns: dict[str, Callable[[], object]] = {}
-    methods = {}
+    methods, counted = {}, {}
     for backend in args.backends:
         kind, channels_last = BACKENDS[backend]
         made = recognizers.create_many(
@@ -111,16 +121,21 @@ def main() -> None:
             F.normalize(torch.randn(args.batch, f.embedding_dim, device=device), dim=1) for f in ensemble
         ]
         fns[f"{backend} bare"] = bare_step(ensemble, targets, x)
+        counted[backend] = bare_step(ensemble, targets, x, backward=True)
         fns[f"{backend} full"] = lambda m=method: m(x, seeds)
         fns[f"{backend} one"] = lambda m=one_step: m(x, seeds)
         methods[backend] = method
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     fns = {k: (lambda f=f: autocast_call(autocast, f)) for k, f in fns.items()}
     t, first = timed(fns, device, repeats)
+    # counted after the timed first calls, which must find every network cold
+    gflop = {backend: flops(step) / args.batch / 1e9 for backend, step in counted.items()}
+    peak = matmul_rate(device)
+    print(f"reference: {peak:.0f} GFLOP/s in a 2048 x 2048 float32 matmul")
 
     print(
         f"{'backend':<12}{'bare img-steps/s':>18}{'method img-steps/s':>20}{'overhead':>10}{f'img/s at T={full_steps}':>16}"
-        f"{'peak memory':>18}{'first call s':>14}"
+        f"{'peak memory':>18}{'first call s':>14}{'bare GFLOP/img-step':>21}{'of matmul':>11}"
     )
     result, outputs = {}, {}
     for backend in args.backends:
@@ -134,7 +149,8 @@ def main() -> None:
         print(
             f"{backend:<12}{args.batch / t[f'{backend} bare']:>18.1f}{args.batch / per_step:>20.1f}"
             f"{per_step / t[f'{backend} bare'] - 1:>9.0%}{images_s:>16.3f}{peak_memory(device):>18}"
-            f"{first[f'{backend} bare']:>14.2f}",
+            f"{first[f'{backend} bare']:>14.2f}{gflop[backend]:>21.3f}"
+            f"{gflop[backend] * args.batch / t[f'{backend} bare'] / peak:>11.0%}",
             flush=True,
         )
     if args.profile and "native" in methods:
@@ -164,13 +180,17 @@ def autocast_call(autocast, fn: Callable[[], object]) -> object:
         return fn()
 
 
-def bare_step(ensemble, targets, x: torch.Tensor) -> Callable[[], None]:
-    """Forward + input gradient of the summed cosine of every surrogate: the method's core per step."""
+def bare_step(ensemble, targets, x: torch.Tensor, backward: bool = False) -> Callable[[], None]:
+    """Forward + input gradient of the summed cosine of every surrogate: the method's core per step.
+    `backward` takes the gradient by .backward() (torch's FLOP counter cannot follow autograd.grad)."""
 
     def step() -> None:
         xg = x.clone().requires_grad_(True)
         loss = sum(F.cosine_similarity(f(xg), t).sum() for f, t in zip(ensemble, targets, strict=True))
-        torch.autograd.grad(loss, xg)
+        if backward:
+            loss.backward()
+        else:
+            torch.autograd.grad(loss, xg)
 
     return step
 
