@@ -1,5 +1,5 @@
 #!/bin/bash
-# Every GPU figure of the README's "Speed" in one call, for a machine held by the minute:
+# Every GPU figure of docs/speed.md in one call, for a machine held by the minute:
 #
 #   bash bench/gpu.sh MODELS_DIR DATA_ROOT CACHE_DIR CALIBRATION_FILE LOG_DIR [DEVICE] [BATCH]
 #

@@ -360,7 +360,7 @@ def activations(network: torch.nn.Module, start: float) -> list[torch.nn.Module]
 def linear_backward(layers: Sequence[torch.nn.Module]) -> Iterator[None]:
     """While active, each of ``layers`` keeps its output but passes the gradient to its input
     unchanged, as if it were linear (LinBP, Guo et al., NeurIPS 2020, who found such gradients to
-    transfer better on ImageNet; on the zoo's face models it breaks the ascent: README)."""
+    transfer better on ImageNet; on the zoo's face models it breaks the ascent: docs/transfer.md)."""
 
     def hook(module: torch.nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> Tensor:
         return inputs[0] + (out - inputs[0]).detach()
