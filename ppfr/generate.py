@@ -65,7 +65,7 @@ def build_method(
     `ensemble` replaces `protect.ensemble` (experiment=transfer); `monitors` are recognizers whose cos
     the method logs every `transfer.monitor_every` steps, never using their gradients. The margin
     booster gets the surrogates' calibrated thresholds from the calibration file, the negatives
-    booster their embeddings of its reference faces."""
+    and whiten boosters their embeddings of their reference faces."""
     from ppfr import protect, recognizers  # the method and zoo packages import torch models: lazily
     from ppfr.verification import load_threshold
 
@@ -83,9 +83,11 @@ def build_method(
     extra: dict[str, Any] = {}
     if monitors:
         extra = {"monitors": list(monitors), "monitor_every": cfg.get("transfer", {}).get("monitor_every", 5)}
-    negatives = (method_cfg.get("boosters") or {}).get("negatives") or {}
-    if negatives.get("weight"):
-        extra["negatives"] = reference_embeddings(cfg, negatives, ensemble)
+    boosters = method_cfg.get("boosters") or {}
+    for key, switch in (("negatives", "weight"), ("whiten", "strength")):
+        spec = boosters.get(key) or {}
+        if spec.get(switch):
+            extra[key] = reference_embeddings(cfg, spec, ensemble, f"protect.boosters.{key}")
     method = protect.create({**method_cfg, **extra}, ensemble)
     models = {r.name: getattr(r, "sha256", None) for r in ensemble}
     return method, method_cfg, models, list(blackbox)
@@ -93,20 +95,22 @@ def build_method(
 
 @torch.no_grad()
 def reference_embeddings(
-    cfg: DictConfig, negatives: Mapping[str, Any], ensemble: Sequence[Recognizer]
+    cfg: DictConfig,
+    spec: Mapping[str, Any],
+    ensemble: Sequence[Recognizer],
+    key: str = "protect.boosters.negatives",
 ) -> list[torch.Tensor]:
-    """Each surrogate's embeddings of the negatives booster's reference faces: the first
-    `identities` people of `root` (identity folders; default the attackers' training people),
-    none of them among the protected people (checked: pushing faces away from the very impostors
-    the evaluation counts would flatter its FAR)."""
+    """Each surrogate's embeddings of a booster's reference faces (`key`: negatives, whiten): the
+    first `identities` people of `root` (identity folders; default the attackers' training people),
+    none of them among the protected people (checked: fitting to the very impostors the evaluation
+    counts would flatter its FAR)."""
     import datamodules
     from ppfr.verification import embed
 
-    root = negatives.get("root") or f"{cfg.paths.data}/lfw-train"
-    key = "protect.boosters.negatives"
+    root = spec.get("root") or f"{cfg.paths.data}/lfw-train"
     common = {"pairs_file": None, "on_no_face": "center_crop", "cache_dir": cfg.data.cache_dir}
     ref = datamodules.create(
-        {"name": "lfw", "root": root, "subset": {"identities": negatives["identities"]}, **common}
+        {"name": "lfw", "root": root, "subset": {"identities": spec["identities"]}, **common}
     )
     datamodules.check_disjoint_identities(
         ref, datamodules.create(to_dict(cfg.data)), key, "the reference faces must be other people"

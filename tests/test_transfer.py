@@ -16,9 +16,9 @@ from ppfr import recognizers
 from ppfr.config import compose
 from ppfr.errors import ConfigError
 from ppfr.fit import main
-from ppfr.generate import reference_embeddings
+from ppfr.generate import build_method, reference_embeddings
 from ppfr.protect import parts
-from ppfr.protect.lfsa import LFSA, ssim
+from ppfr.protect.lfsa import LFSA, ssim, whitening
 from ppfr.tasks.transfer import wilson
 
 SURROGATES = ["mobilefacenet_relu6", "faceplugin_mobilefacenet"]
@@ -37,6 +37,7 @@ BOOSTERS = {
     "ti_kernel": (9, 0),
     "linear_backward": ({"enabled": True, "start": 0.5}, {"enabled": False, "start": 0.0}),
     "negatives": ({"weight": 1.0, "temperature": 0.05}, {"weight": 0.0, "temperature": 0.5}),
+    "whiten": ({"strength": 0.5}, {"strength": 0.0}),
 }
 
 
@@ -76,7 +77,7 @@ def plain(zoo, faces) -> torch.Tensor:
 @pytest.mark.parametrize("booster", list(BOOSTERS))
 def test_booster_changes_the_ascent_only_when_on(booster, zoo, faces, plain, references):
     on, off = BOOSTERS[booster]
-    refs = {"negatives": references} if booster == "negatives" else {}
+    refs = {booster: references} if booster in ("negatives", "whiten") else {}
     # A booster draws from its own generator stream, so the method's other draws (fill, Perlin
     # noise) stay the same: any change comes from the update direction.
     torch.testing.assert_close(protect(zoo, faces, {booster: off}, **refs), plain, atol=0, rtol=0)
@@ -202,6 +203,24 @@ def test_spread_penalty_narrows_the_scores_against_reference_faces(zoo, faces, r
         protect(zoo, faces, {"negatives": {"weight": 1.0, "penalty": "widest"}}, negatives=references)
 
 
+def test_whiten_weights_the_directions_other_people_share_least(zoo, faces, references):
+    """At strength 1 the reference faces' covariance becomes the identity (every direction among
+    them weighs the same); at 0 the transform is plain cos. Without references, or with the margin
+    booster (whose thresholds are plain cos), it is refused."""
+    ref = F.normalize(torch.cat(references[:1] * 3) + 0.05 * torch.randn(12, references[0].shape[1]), dim=1)
+    mean, matrix = whitening(ref, 1.0)
+    cov = torch.cov(((ref - mean) @ matrix).T.double(), correction=0)
+    top = torch.linalg.eigvalsh(cov)[-11:]  # 12 faces span 11 centred directions
+    torch.testing.assert_close(top, torch.full_like(top, top.mean().item()), rtol=1e-3, atol=0)
+    mean, matrix = whitening(ref, 0.0)
+    assert mean.abs().max() == 0
+    torch.testing.assert_close(matrix, torch.eye(len(matrix)), atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="boosters.whiten: needs the surrogates' embeddings"):
+        protect(zoo, faces, {"whiten": {"strength": 0.5}})
+    with pytest.raises(ConfigError, match="whiten and boosters.margin"):
+        protect(zoo, faces, {"whiten": {"strength": 0.5}, "margin": {"enabled": True}}, whiten=references)
+
+
 def test_reference_faces_are_other_people(faces_mini, lfw_train, models_dir, align_cache):
     """The task embeds the reference people with every surrogate; people of the protected set are refused."""
     args = [
@@ -219,6 +238,21 @@ def test_reference_faces_are_other_people(faces_mini, lfw_train, models_dir, ali
     assert len({r.shape[0] for r in refs}) == 1 and refs[0].shape[0] >= 2
     with pytest.raises(ConfigError, match=r"protect\.boosters\.negatives\.root=.* shares \d+ identities"):
         reference_embeddings(compose(args), {**negatives, "root": str(faces_mini / "lfw")}, ensemble)
+    # the whiten booster gets its own reference faces the same way, through build_method
+    whiten = [
+        f"protect.boosters.whiten.{k}={v}"
+        for k, v in (("strength", 0.5), ("root", lfw_train), ("identities", 2))
+    ]
+    method, *_ = build_method(compose([*args, *whiten]), ensemble, blackbox=[])
+    assert [tuple(getattr(method, f"whiten_matrix_{i}").shape) for i in range(len(ensemble))] == [
+        (r.shape[1], r.shape[1]) for r in refs
+    ]
+    with pytest.raises(ConfigError, match=r"protect\.boosters\.whiten\.root=.* shares \d+ identities"):
+        build_method(
+            compose([*args, *whiten, f"protect.boosters.whiten.root={faces_mini / 'lfw'}"]),
+            ensemble,
+            blackbox=[],
+        )
 
 
 def test_margin_weights_follow_the_thresholds(zoo, faces):
@@ -326,6 +360,8 @@ def test_transfer_experiment_writes_its_table_and_resumes(
         assert row["impostor_cos_std_clean"] < 1e-6 and math.isnan(row["impostor_cos_slope"])
         assert -1 <= row["impostor_cos_mean_protected"] <= 1 and row["impostor_cos_std_protected"] >= 0
         assert f"monitor/{name}" in row["curve"]["keys"] and len(row["curve"]["rows"]) == 3
+        start = row["start"]  # the model's view of X0, before the three steps moved it
+        assert 0 <= start["match"] <= 1 and 0 < start["ssim"] < 1 and start["cos_mean"] != row["cos_mean"]
         assert len((run / "protected" / name / "manifest.jsonl").read_text().splitlines()) == 2
         assert (run / "images" / f"transfer_grid_{name}.png").is_file()
     table = list(csv.reader((run / "transfer_table.csv").read_text().splitlines()))
@@ -345,7 +381,6 @@ def test_held_out_model_is_the_only_black_box(models_dir):
     although dlib_resnet is a default black box of eval.blackbox: the held-out model is the black box."""
     from ppfr.config import compose
     from ppfr.errors import ConfigError
-    from ppfr.generate import build_method
 
     cfg = compose(["experiment=transfer", f"paths.models={models_dir}", "protect.steps=1"])
     ensemble = recognizers.create_many(["mobileface_becauseofai", "dlib_resnet"], models_dir)

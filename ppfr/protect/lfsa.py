@@ -150,6 +150,21 @@ class Negatives:
 
 
 @dataclass(frozen=True)
+class Whiten:
+    """Compare embeddings where other people vary least: each surrogate's cos is taken after
+    (e - strength mu) A, A = (strength Sigma / mean variance + (1 - strength) I)^(-1/2), with mu
+    and Sigma the mean and covariance of its embeddings of the reference faces (the first
+    ``identities`` people of ``root``, as for ``negatives``). strength 0 = off (plain cos), 1 =
+    full whitening. The directions along which people differ most (pose, age, gender...) carry
+    over to black boxes as likeness to other people; whitening weights the ascent toward the
+    rest of the identity."""
+
+    strength: float = 0.0
+    root: str | None = None  # read by the task (null: the attackers' training people)
+    identities: int = 256
+
+
+@dataclass(frozen=True)
 class Boosters:
     """Transfer boosters beyond the paper; all off = eq. 9 as written."""
 
@@ -163,6 +178,7 @@ class Boosters:
     margin: Margin = field(default_factory=Margin)
     lowres: Lowres = field(default_factory=Lowres)
     negatives: Negatives = field(default_factory=Negatives)
+    whiten: Whiten = field(default_factory=Whiten)
 
 
 def in_range(key: str, value: Any, interval: str) -> None:
@@ -180,6 +196,19 @@ def in_range(key: str, value: Any, interval: str) -> None:
         raise ConfigError(
             f"protect.{key}: {value!r} must be {'an integer' if integer else 'a number'} in {body}"
         )
+
+
+def whitening(ref: Tensor, strength: float) -> tuple[Tensor, Tensor]:
+    """(strength mu, A) of the whiten booster from M x d reference embeddings (see ``Whiten``)."""
+    ref = F.normalize(ref.double(), dim=1)
+    mean = ref.mean(0)
+    cov = torch.cov(ref.T, correction=0).reshape(ref.shape[1], ref.shape[1])
+    cov = strength * cov / cov.diagonal().mean().clamp_min(1e-12) + (1 - strength) * torch.eye(
+        len(cov), dtype=cov.dtype
+    )
+    values, vectors = torch.linalg.eigh(cov)
+    matrix = vectors @ torch.diag(values.clamp_min(1e-6).rsqrt()) @ vectors.T
+    return (strength * mean).float(), matrix.float()
 
 
 def ssim(a: Tensor, b: Tensor, size: int = 11, sigma: float = 1.5) -> Tensor:
@@ -223,7 +252,7 @@ class LFSA(ProtectionMethod):
     ``update=sign`` in pixel units (``alpha`` scales the normalised raw gradient instead).
     ``thresholds`` (one per surrogate, from the calibration file) feed the margin booster;
     ``negatives`` (one M x d matrix per surrogate: its embeddings of reference faces) the
-    negatives booster.
+    negatives booster, ``whiten`` (the same, of the whiten booster's reference faces) that one.
     ``stop_ssim`` > 0 is a visual budget: an image stops moving at the first step where
     SSIM(X_t, X) <= stop_ssim, so each takes only the steps it needs (at most ``steps``).
     ``monitors`` are recognizers outside the ensemble (black boxes) whose cos(f(X), f(X_t)) is
@@ -260,6 +289,7 @@ class LFSA(ProtectionMethod):
         boosters: Mapping | Boosters | None = None,
         thresholds: Sequence[float] | None = None,
         negatives: Sequence[Tensor] | None = None,
+        whiten: Sequence[Tensor] | None = None,
         monitors: Sequence[nn.Module] | None = None,
         monitor_every: int = 10,
     ) -> None:
@@ -287,6 +317,9 @@ class LFSA(ProtectionMethod):
         self._n_negatives = len(negatives or [])
         for i, ref in enumerate(negatives or []):
             self.register_buffer(f"negatives_{i}", F.normalize(ref.float(), dim=1), persistent=False)
+        if whiten is not None and len(whiten) != n:
+            raise ConfigError(f"protect whiten: {len(whiten)} reference sets for {n} surrogates")
+        self._n_whiten = len(whiten or [])
         self.highpass = part(Highpass, highpass, "protect.highpass")
         self.prune = part(Prune, prune, "protect.prune")
         self.noise = part(Noise, noise, "protect.noise")
@@ -296,6 +329,10 @@ class LFSA(ProtectionMethod):
         self.p, self.steps, self.update, self.monitor_every = p, steps, update, monitor_every
         self.stop_ssim = stop_ssim
         self._validate()
+        for i, ref in enumerate(whiten or []):
+            mean, matrix = whitening(ref, self.boosters.whiten.strength)
+            self.register_buffer(f"whiten_mean_{i}", mean, persistent=False)
+            self.register_buffer(f"whiten_matrix_{i}", matrix, persistent=False)
         fd = self.boosters.feature_dropout
         self._dropout_layers = (
             [layer for f in self.recognizers for layer in parts.conv_layers(f, fd.layers)] if fd.rate else []
@@ -367,6 +404,8 @@ class LFSA(ProtectionMethod):
             ("boosters.negatives.weight", boost.negatives.weight, "[0, inf)"),
             ("boosters.negatives.temperature", boost.negatives.temperature, "(0, inf)"),
             ("boosters.negatives.identities", boost.negatives.identities, "int [1, inf)"),
+            ("boosters.whiten.strength", boost.whiten.strength, "[0, 1]"),
+            ("boosters.whiten.identities", boost.whiten.identities, "int [1, inf)"),
         ]
         for key, value, interval in checks:
             in_range(key, value, interval)
@@ -388,6 +427,16 @@ class LFSA(ProtectionMethod):
                 not boost.negatives.weight or self._n_negatives,
                 "protect.boosters.negatives: needs the surrogates' embeddings of the reference faces "
                 "(the task makes them from boosters.negatives.root)",
+            ),
+            (
+                not boost.whiten.strength or self._n_whiten,
+                "protect.boosters.whiten: needs the surrogates' embeddings of the reference faces "
+                "(the task makes them from boosters.whiten.root)",
+            ),
+            (
+                not (boost.whiten.strength and boost.margin.enabled),
+                "protect.boosters.whiten and boosters.margin: the margin compares cos with calibrated "
+                "thresholds, which whitened cos is not; use one of them",
             ),
             (
                 not boost.margin.enabled or self.thresholds is not None,
@@ -548,9 +597,10 @@ class LFSA(ProtectionMethod):
             parts.linear_backward(self._linear_layers),
         ):
             embs = [f(seen).float().view(k, len(image), -1) for f in self.recognizers]
-        cos = torch.stack(
-            [F.cosine_similarity(e, t, dim=-1).mean(0) for e, t in zip(embs, targets, strict=True)], 1
-        )  # B x n
+        seen_pairs = zip(embs, targets, strict=True)
+        if self.boosters.whiten.strength:
+            seen_pairs = [(self._whitened(i, e), self._whitened(i, t)) for i, (e, t) in enumerate(seen_pairs)]
+        cos = torch.stack([F.cosine_similarity(e, t, dim=-1).mean(0) for e, t in seen_pairs], 1)  # B x n
         gamma = self.gamma if self.noise.enabled else 0.0  # w/o P: N' = 1 and gamma = 0
         pulled: Tensor | float = 1.0  # per image: 0 once the margin booster has stopped every surrogate
         margin = boost.margin
@@ -570,6 +620,9 @@ class LFSA(ProtectionMethod):
                 self.betas * self._negatives_penalty(embs, targets)
             ).sum(1)
         return loss, cos, ent
+
+    def _whitened(self, i: int, e: Tensor) -> Tensor:
+        return (e - getattr(self, f"whiten_mean_{i}")) @ getattr(self, f"whiten_matrix_{i}")
 
     def _negatives_penalty(self, embs: list[Tensor], targets: list[Tensor]) -> Tensor:
         """B x n: per surrogate, the negatives penalty against its reference faces (mean over views)."""

@@ -9,6 +9,8 @@ interval, mean cos, impostor FAR with protected and clean probes, SSIM, PSNR and
 The held-out model also watches the ascent: its cos(f(X), f(X_t)) every `transfer.monitor_every`
 steps, computed without gradients and never fed back. `transfer_curves.csv` holds it beside each
 surrogate's cos per step (`images/transfer_curves.png` too, where matplotlib is installed).
+Each row's `start` is the same model's view of X0, every image's start before the first step:
+the difference says what the ascent, rather than stage 1, did to the match and the impostor FAR.
 
 The trade-off curve: `transfer.grid` maps method keys to values (`{highpass.omega_c: [0.02, 0.04],
 gamma: [0, 5]}`); every combination is one grid point, measured like the plain run, and
@@ -28,6 +30,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 from scipy.stats import binomtest
+from torchmetrics.functional.image import structural_similarity_index_measure
 
 import datamodules
 from ppfr import recognizers
@@ -36,10 +39,15 @@ from ppfr.devices import device as device_of
 from ppfr.errors import ConfigError
 from ppfr.evaluate import blackbox_metrics, embed_sets, log_grid
 from ppfr.generate import ProtectedSet, build_method, generate
+from ppfr.protect import parts
+from ppfr.protect.base import ProtectionMethod
+from ppfr.recognizers import Recognizer
 from ppfr.run import Run, format_table
-from ppfr.verification import find_calibration, measured_on
+from ppfr.verification import embed_batch, find_calibration, measured_on
 
 TRADEOFF = ["point", "held out", "match", "match low", "match high", "n", "cos", "SSIM", "PSNR"]
+START = ("match", "cos_mean", "far_protected", "far_protected_without_common", "impostor_cos_mean_protected",
+         "impostor_cos_std_protected", "impostor_cos_slope", "impostor_residual_common")  # fmt: skip
 COLUMNS = ["held out", "match", "95% CI", "n", "cos", "thr", "FAR prot", "FAR clean", "SSIM", "PSNR",
            "images/s", "ensemble"]  # fmt: skip
 
@@ -77,6 +85,37 @@ def grid_points(cfg: DictConfig) -> list[tuple[str, dict[str, Any]]]:
         )
         for combo in itertools.product(*grid.values())
     ]
+
+
+@torch.no_grad()
+def start_view(
+    method: ProtectionMethod,
+    dm: Any,
+    records: list[dict[str, Any]],
+    box: Recognizer,
+    clean: torch.Tensor,
+    threshold: float,
+    batch_size: int,
+    device: torch.device,
+    flip: bool,
+) -> dict[str, float] | None:
+    """The held-out model on each image's start X0 (the method's stage 1 before any step, redrawn
+    from the image's stored seed): against the protected row it says which part of the match and
+    of the impostor statistics the ascent makes. None for a method without a stage-1 start."""
+    start = getattr(method, "start", None)
+    if start is None:
+        return None
+    seed_of = {r["index"]: r["seed"] for r in records}
+    emb, ssim = [], []
+    for batch in dm.predict_dataloader(indices=[r["index"] for r in records], batch_size=batch_size):
+        x = batch["image"].to(device).float()
+        seeds = torch.tensor([seed_of[i] for i in batch["index"].tolist()])
+        x0 = start(x, parts.generators(seeds, device))[1].clamp(0, 1)
+        ssim.append(structural_similarity_index_measure(x0, x, data_range=1.0, reduction="none").cpu())
+        emb.append(embed_batch(box, x0, flip).float().cpu())
+    labels = torch.tensor([r["label"] for r in records])
+    m = blackbox_metrics(clean, torch.cat(emb), labels, threshold)
+    return {**{k: m[k] for k in START}, "ssim": torch.cat(ssim).mean().item()}
 
 
 def _word(value: Any) -> str:
@@ -257,10 +296,14 @@ def run(cfg: DictConfig, run: Run) -> dict[str, Any]:
             [box.to(device)],
             cfg.eval.batch_size,
             device,
-            flip=bool(entry["measured_on"]["flip"]),  # embed as the threshold was measured
+            flip=bool(entry["measured_on"]["flip"]),  # embed as the threshold was measured (and X0 below)
         )
         labels = torch.tensor([r["label"] for r in records])
         m = blackbox_metrics(clean[name], prot[name], labels, thresholds[name])
+        flip = bool(entry["measured_on"]["flip"])
+        start = start_view(
+            method, dm, records, box, clean[name], thresholds[name], cfg.eval.batch_size, device, flip
+        )
         n = len(records)
         low, high = wilson(round(m["match"] * n), n)
         speed = gen.images_per_s or done.get(key, {}).get("images_per_s")
@@ -278,6 +321,7 @@ def run(cfg: DictConfig, run: Run) -> dict[str, Any]:
             "generated_now": gen.generated_now,
             "out_dir": str(out.dir),
             "curve": curve,
+            "start": start,
         }
         row = done[key]
         tradeoff.append([label, name, row["match"], low, high, n, row["cos_mean"], row["ssim"], row["psnr"]])
