@@ -156,9 +156,9 @@ class Whiten:
     and Sigma the mean and covariance of its embeddings of the reference faces (the first
     ``identities`` people of ``root``, as for ``negatives``). strength 0 = off (plain cos), 1 =
     full whitening, which weights up to 1000x the directions no reference face uses (eigenvalues
-    floored at 1e-6): keep it below 1. The directions along which people differ most (pose, age, gender...) carry
-    over to black boxes as likeness to other people; whitening weights the ascent toward the
-    rest of the identity."""
+    floored at 1e-6): keep it below 1. The directions along which people differ most (pose, age,
+    gender...) carry over to black boxes as likeness to other people; whitening weights the ascent
+    toward the rest of the identity."""
 
     strength: float = 0.0
     root: str | None = None  # read by the task (null: the attackers' training people)

@@ -289,6 +289,7 @@ def run(cfg: DictConfig, run: Run) -> dict[str, Any]:
             cfg.calibration_file, measured_on(cfg, box), cfg.eval.threshold_source == "nearest"
         )
         thresholds[name] = float(entry["threshold"])
+        flip = bool(entry["measured_on"]["flip"])  # embed (X', X and X0) as the threshold was measured
         image, clean, prot = embed_sets(
             dm,
             records,
@@ -296,11 +297,10 @@ def run(cfg: DictConfig, run: Run) -> dict[str, Any]:
             [box.to(device)],
             cfg.eval.batch_size,
             device,
-            flip=bool(entry["measured_on"]["flip"]),  # embed as the threshold was measured (and X0 below)
+            flip=flip,
         )
         labels = torch.tensor([r["label"] for r in records])
         m = blackbox_metrics(clean[name], prot[name], labels, thresholds[name])
-        flip = bool(entry["measured_on"]["flip"])
         start = start_view(
             method, dm, records, box, clean[name], thresholds[name], cfg.eval.batch_size, device, flip
         )
